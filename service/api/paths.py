@@ -1,0 +1,14 @@
+"""URL paths the server answers; the Kubernetes constructs take probe and scrape paths from here."""
+
+COMPLETION = "/completion"
+STATUS = "/status"
+MODEL = "/model"
+METRICS = "/metrics"
+HEALTHZ = "/healthz"
+READYZ = "/readyz"
+OPENAPI = "/openapi.json"
+OPENAI_CHAT_COMPLETIONS = "/v1/chat/completions"
+OPENAI_MODELS = "/v1/models"
+
+#: Name of the container/Service port that carries all of the above.
+HTTP_PORT_NAME = "http"

@@ -1,0 +1,69 @@
+"""The engine's public vocabulary: what a request asks for and what it gets back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"  # end-of-sequence token or a stop string
+    LENGTH = "length"  # max_tokens reached
+    CANCELLED = "cancelled"  # the client went away
+    TIMEOUT = "timeout"  # request_timeout_s elapsed
+    ERROR = "error"  # the model raised; the message says why
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings; honoured per sequence inside a shared batch."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """New text of one request since its previous delta (may be empty while a stop string is pending)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class GenerationResult:
+    """How a request ended: the whole text, why it stopped, and its token counts."""
+
+    text: str
+    finish_reason: FinishReason
+    usage: Usage = field(default_factory=Usage)
+    error: str | None = None
+
+
+class EngineError(Exception):
+    """Base class of errors the engine raises at submission time."""
+
+
+class QueueFullError(EngineError):
+    """The waiting queue is at ``max_queued_requests``; retry after ``retry_after_s``."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__("the server is at capacity; retry later")
+        self.retry_after_s = retry_after_s
+
+
+class EngineStoppedError(EngineError):
+    """The engine is draining for shutdown and takes no new requests."""

@@ -1,0 +1,183 @@
+"""Every Prometheus metric the server exports, defined once.
+
+Dashboards and alert rules import the names from here (``dashboards/``), so a rename breaks
+their tests instead of silently emptying a panel. Metrics are registered on an injectable
+``CollectorRegistry`` so tests and several apps in one process never collide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+PREFIX = "serving"
+
+# HTTP layer
+HTTP_REQUESTS_TOTAL = f"{PREFIX}_http_requests_total"
+HTTP_REQUEST_DURATION_SECONDS = f"{PREFIX}_http_request_duration_seconds"
+HTTP_REQUESTS_IN_FLIGHT = f"{PREFIX}_http_requests_in_flight"
+
+# Model lifecycle
+MODEL_INFO = f"{PREFIX}_model_info"
+MODEL_READY = f"{PREFIX}_model_ready"
+DEPLOYMENT_PHASE = f"{PREFIX}_deployment_phase"
+DEPLOYMENTS_TOTAL = f"{PREFIX}_deployments_total"
+MODEL_LOAD_DURATION_SECONDS = f"{PREFIX}_model_load_duration_seconds"
+
+# Generation engine (named after vLLM's num_requests_running/waiting so operators recognise them)
+NUM_REQUESTS_RUNNING = f"{PREFIX}_num_requests_running"
+NUM_REQUESTS_WAITING = f"{PREFIX}_num_requests_waiting"
+BATCH_SIZE = f"{PREFIX}_batch_size"
+PROMPT_TOKENS_TOTAL = f"{PREFIX}_prompt_tokens_total"
+GENERATION_TOKENS_TOTAL = f"{PREFIX}_generation_tokens_total"
+TIME_TO_FIRST_TOKEN_SECONDS = f"{PREFIX}_time_to_first_token_seconds"
+INTER_TOKEN_LATENCY_SECONDS = f"{PREFIX}_inter_token_latency_seconds"
+REQUESTS_FINISHED_TOTAL = f"{PREFIX}_requests_finished_total"
+REQUESTS_REJECTED_TOTAL = f"{PREFIX}_requests_rejected_total"
+REQUESTS_CANCELLED_TOTAL = f"{PREFIX}_requests_cancelled_total"
+
+# Names exported by prometheus_client's default collectors (used by the dashboards).
+PROCESS_START_TIME_SECONDS = "process_start_time_seconds"
+PROCESS_RESIDENT_MEMORY_BYTES = "process_resident_memory_bytes"
+PROCESS_CPU_SECONDS_TOTAL = "process_cpu_seconds_total"
+GC_COLLECTIONS_TOTAL = "python_gc_collections_total"
+GC_OBJECTS_COLLECTED_TOTAL = "python_gc_objects_collected_total"
+
+#: Phases of a model deployment, in order; ``failed`` can follow any of them.
+DEPLOYMENT_PHASES = ("pending", "resolving", "downloading", "loading", "warming", "ready", "failed")
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+_LOAD_BUCKETS = (0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300, 600)
+_BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+
+
+@dataclass(frozen=True)
+class ServingMetrics:
+    """The server's metrics, registered on ``registry`` (one instance per application)."""
+
+    registry: CollectorRegistry
+    http_requests: Counter
+    http_request_duration: Histogram
+    http_requests_in_flight: Gauge
+    model_info: Gauge
+    model_ready: Gauge
+    deployment_phase: Gauge
+    deployments: Counter
+    model_load_duration: Histogram
+    num_requests_running: Gauge
+    num_requests_waiting: Gauge
+    batch_size: Histogram
+    prompt_tokens: Counter
+    generation_tokens: Counter
+    time_to_first_token: Histogram
+    inter_token_latency: Histogram
+    requests_finished: Counter
+    requests_rejected: Counter
+    requests_cancelled: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry | None = None, *, default_collectors: bool = True) -> ServingMetrics:
+        """Build every metric on ``registry`` (a fresh one by default).
+
+        ``default_collectors`` adds the process, platform and GC collectors that the dashboards need
+        (uptime, memory, CPU, GC) to the registry; prometheus_client only puts them on its global one.
+        """
+        registry = registry if registry is not None else CollectorRegistry()
+        if default_collectors:
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
+        r = registry
+        return cls(
+            registry=r,
+            http_requests=Counter(
+                HTTP_REQUESTS_TOTAL, "HTTP requests answered.", ["route", "method", "status"], registry=r
+            ),
+            http_request_duration=Histogram(
+                HTTP_REQUEST_DURATION_SECONDS,
+                "Time from request received to response finished.",
+                ["route", "method"],
+                buckets=_LATENCY_BUCKETS,
+                registry=r,
+            ),
+            http_requests_in_flight=Gauge(
+                HTTP_REQUESTS_IN_FLIGHT, "HTTP requests being handled now.", registry=r
+            ),
+            model_info=Gauge(
+                MODEL_INFO,
+                "The model serving now (value 1), identified by its labels.",
+                ["model_id", "revision", "dtype", "device"],
+                registry=r,
+            ),
+            model_ready=Gauge(MODEL_READY, "1 while a model is serving, else 0.", registry=r),
+            deployment_phase=Gauge(
+                DEPLOYMENT_PHASE,
+                "Phase of the current or last deployment (1 for the phase it is in).",
+                ["phase"],
+                registry=r,
+            ),
+            deployments=Counter(
+                DEPLOYMENTS_TOTAL, "Model deployments by result.", ["result"], registry=r
+            ),
+            model_load_duration=Histogram(
+                MODEL_LOAD_DURATION_SECONDS,
+                "Time from a deployment's start to its model serving.",
+                buckets=_LOAD_BUCKETS,
+                registry=r,
+            ),
+            num_requests_running=Gauge(
+                NUM_REQUESTS_RUNNING, "Sequences being generated in the batch now.", registry=r
+            ),
+            num_requests_waiting=Gauge(
+                NUM_REQUESTS_WAITING, "Requests queued for a batch slot.", registry=r
+            ),
+            batch_size=Histogram(
+                BATCH_SIZE, "Sequences per forward pass of the engine.", buckets=_BATCH_BUCKETS, registry=r
+            ),
+            prompt_tokens=Counter(
+                PROMPT_TOKENS_TOTAL, "Prompt tokens processed.", ["model_id"], registry=r
+            ),
+            generation_tokens=Counter(
+                GENERATION_TOKENS_TOTAL, "Completion tokens generated.", ["model_id"], registry=r
+            ),
+            time_to_first_token=Histogram(
+                TIME_TO_FIRST_TOKEN_SECONDS,
+                "Time from request accepted by the engine to its first token.",
+                buckets=_LATENCY_BUCKETS,
+                registry=r,
+            ),
+            inter_token_latency=Histogram(
+                INTER_TOKEN_LATENCY_SECONDS,
+                "Time between consecutive tokens of one request.",
+                buckets=_TOKEN_LATENCY_BUCKETS,
+                registry=r,
+            ),
+            requests_finished=Counter(
+                REQUESTS_FINISHED_TOTAL,
+                "Generation requests finished, by finish reason (stop, length, cancelled, timeout, error).",
+                ["finish_reason"],
+                registry=r,
+            ),
+            requests_rejected=Counter(
+                REQUESTS_REJECTED_TOTAL,
+                "Requests refused before generation (queue_full, shutting_down, no_model).",
+                ["reason"],
+                registry=r,
+            ),
+            requests_cancelled=Counter(
+                REQUESTS_CANCELLED_TOTAL,
+                "Requests stopped before finishing (client_disconnected, timeout).",
+                ["reason"],
+                registry=r,
+            ),
+        )

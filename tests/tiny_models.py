@@ -1,0 +1,88 @@
+"""Builders of tiny but real chat models for the tests: a 2-layer Llama and a byte-level BPE
+tokenizer trained on the spot, with a ChatML chat template. Built in a second, fully offline."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "Hello! How can I help you today? I am a helpful assistant.",
+    "Kubernetes runs containers; Prometheus scrapes metrics; Grafana draws dashboards.",
+    "system user assistant: the quick brown fox jumps over the lazy dog 0123456789",
+] * 20
+
+
+def build_tokenizer(out_dir: Path):
+    """Train a ~400-token byte-level BPE tokenizer and save it with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def build_tiny_model(out_dir: Path, *, seed: int) -> Path:
+    """Save a 2-layer Llama (random weights from ``seed``) plus tokenizer to ``out_dir``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def install_in_hub_cache(model_dir: Path, hf_home: Path, repo_id: str, revision: str = "0" * 40) -> Path:
+    """Lay ``model_dir`` out as ``$HF_HOME/hub/models--ORG--NAME`` so ``repo_id`` resolves offline."""
+    repo_dir = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo_dir / "snapshots" / revision
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():
+        shutil.copy2(f, snapshot / f.name)
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(revision)
+    return snapshot
