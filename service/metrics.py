@@ -86,7 +86,9 @@ class ServingMetrics:
     requests_cancelled: Counter
 
     @classmethod
-    def create(cls, registry: CollectorRegistry | None = None, *, default_collectors: bool = True) -> ServingMetrics:
+    def create(
+        cls, registry: CollectorRegistry | None = None, *, default_collectors: bool = True
+    ) -> ServingMetrics:
         """Build every metric on ``registry`` (a fresh one by default).
 
         ``default_collectors`` adds the process, platform and GC collectors that the dashboards need
@@ -126,9 +128,7 @@ class ServingMetrics:
                 ["phase"],
                 registry=r,
             ),
-            deployments=Counter(
-                DEPLOYMENTS_TOTAL, "Model deployments by result.", ["result"], registry=r
-            ),
+            deployments=Counter(DEPLOYMENTS_TOTAL, "Model deployments by result.", ["result"], registry=r),
             model_load_duration=Histogram(
                 MODEL_LOAD_DURATION_SECONDS,
                 "Time from a deployment's start to its model serving.",
@@ -138,15 +138,11 @@ class ServingMetrics:
             num_requests_running=Gauge(
                 NUM_REQUESTS_RUNNING, "Sequences being generated in the batch now.", registry=r
             ),
-            num_requests_waiting=Gauge(
-                NUM_REQUESTS_WAITING, "Requests queued for a batch slot.", registry=r
-            ),
+            num_requests_waiting=Gauge(NUM_REQUESTS_WAITING, "Requests queued for a batch slot.", registry=r),
             batch_size=Histogram(
                 BATCH_SIZE, "Sequences per forward pass of the engine.", buckets=_BATCH_BUCKETS, registry=r
             ),
-            prompt_tokens=Counter(
-                PROMPT_TOKENS_TOTAL, "Prompt tokens processed.", ["model_id"], registry=r
-            ),
+            prompt_tokens=Counter(PROMPT_TOKENS_TOTAL, "Prompt tokens processed.", ["model_id"], registry=r),
             generation_tokens=Counter(
                 GENERATION_TOKENS_TOTAL, "Completion tokens generated.", ["model_id"], registry=r
             ),

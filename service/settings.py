@@ -7,10 +7,10 @@ below, so a setting added here is documented everywhere at once.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "SERVING_"
 
@@ -60,7 +60,7 @@ class Settings(BaseSettings):
         description="Memory budget for one model's weights in bytes; larger models are refused before "
         "loading. Unset disables the check.",
     )
-    allowed_models: list[str] = Field(
+    allowed_models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Glob patterns of model ids that POST /model may deploy (comma separated); empty "
         "allows all.",
@@ -82,14 +82,12 @@ class Settings(BaseSettings):
     )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens used when a request gives none.")
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
-    cors_origins: list[str] = Field(
+    cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Origins allowed by CORS (comma separated); empty disables CORS."
     )
 
     # --- engine ---
-    max_running_requests: int = Field(
-        16, ge=1, description="Most sequences generated together in one batch."
-    )
+    max_running_requests: int = Field(16, ge=1, description="Most sequences generated together in one batch.")
     max_queued_requests: int = Field(
         64, ge=0, description="Most requests waiting for a batch slot; beyond it requests get 429."
     )
@@ -103,3 +101,9 @@ class Settings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
 
+    @field_validator("allowed_models", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value

@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests.tiny_models import build_tiny_model, install_in_hub_cache  # noqa: E402
+from tests.tiny_models import build_tiny_model, install_in_hub_cache
 
 TINY_HUB_ID = "tiny-org/tiny-chat-b"
 

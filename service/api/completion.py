@@ -1,0 +1,52 @@
+"""``POST /completion``: chat messages in, the assistant's reply out (JSON, or SSE with ``stream``)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from service.api import paths
+from service.api.errors import parse_body
+from service.api.generation import Admitted, admit, collect, sse_stream, usage_of
+from service.api.protocol import AssistantMessage, CompletionChunk, CompletionRequest, CompletionResponse
+
+routes = web.RouteTableDef()
+
+
+@routes.post(paths.COMPLETION)
+async def completion(request: web.Request) -> web.StreamResponse:
+    body = await parse_body(request, CompletionRequest)
+    admitted = admit(request, body.messages, body, body.max_tokens)
+    if body.stream:
+        return await sse_stream(request, admitted, _chunks(admitted))
+    result = await collect(admitted)
+    response = CompletionResponse(
+        id=admitted.stream.request_id,
+        model=admitted.model_id,
+        message=AssistantMessage(content=result.text),
+        finish_reason=result.finish_reason.value,
+        usage=usage_of(result),
+    )
+    return web.json_response(response.model_dump(), headers={"X-Request-Id": admitted.stream.request_id})
+
+
+async def _chunks(admitted: Admitted) -> AsyncIterator[dict]:
+    stream = admitted.stream
+    async for delta in stream:
+        if delta.text:
+            yield CompletionChunk(
+                id=stream.request_id, model=admitted.model_id, delta=delta.text
+            ).model_dump()
+    result = stream.result
+    assert result is not None
+    final = CompletionChunk(
+        id=stream.request_id,
+        model=admitted.model_id,
+        delta="",
+        finish_reason=result.finish_reason.value,
+        usage=usage_of(result),
+    ).model_dump()
+    if result.error:
+        final["error"] = {"type": "generation_error", "message": result.error}
+    yield final

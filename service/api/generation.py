@@ -1,0 +1,143 @@
+"""What /completion and /v1/chat/completions share: admitting a chat request to the engine,
+collecting its result, and writing Server-Sent Events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from service.api import keys
+from service.api.errors import ApiError
+from service.api.protocol import ChatMessage, OpenAIChatMessage, SamplingFields, Usage
+from service.engine import GenerationStream
+from service.engine.types import (
+    EngineStoppedError,
+    FinishReason,
+    GenerationResult,
+    QueueFullError,
+    SamplingParams,
+)
+from service.handle import ModelHandle
+
+
+@dataclass
+class Admitted:
+    handle: ModelHandle
+    stream: GenerationStream
+    prompt_tokens: int
+
+    @property
+    def model_id(self) -> str:
+        return self.handle.info.model_id
+
+
+def admit(
+    request: web.Request,
+    messages: list[ChatMessage] | list[OpenAIChatMessage],
+    sampling: SamplingFields,
+    max_tokens: int | None,
+) -> Admitted:
+    """Render the prompt on the serving model and queue it; 4xx/429/503 when that cannot be done."""
+    app = request.app
+    settings = app[keys.SETTINGS]
+    handle = app[keys.MANAGER].active
+    if handle is None:
+        app[keys.METRICS].requests_rejected.labels("no_model").inc()
+        raise ApiError(
+            503,
+            "no model is serving yet; see GET /status",
+            type="model_not_ready",
+            headers={"Retry-After": "2"},
+        )
+    if len(messages) > settings.max_messages:
+        raise ApiError(422, f"at most {settings.max_messages} messages per request", type="invalid_request")
+    max_tokens = max_tokens or settings.default_max_tokens
+    if max_tokens > settings.max_tokens_limit:
+        raise ApiError(422, f"max_tokens must be at most {settings.max_tokens_limit}", type="invalid_request")
+    try:
+        prompt_ids = handle.encode_chat([{"role": m.role, "content": m.content} for m in messages])
+    except Exception as exc:  # a template that rejects this conversation (e.g. role order) is bad input
+        raise ApiError(
+            422, f"the model's chat template rejected the messages: {exc}", type="invalid_request"
+        ) from exc
+    limit = settings.max_prompt_tokens
+    if handle.info.context_length:
+        limit = min(limit, handle.info.context_length - 1)
+    if len(prompt_ids) > limit:
+        raise ApiError(
+            413, f"the prompt is {len(prompt_ids)} tokens, over the limit of {limit}", type="prompt_too_long"
+        )
+    if handle.info.context_length:  # never generate past the model's context window
+        max_tokens = min(max_tokens, handle.info.context_length - len(prompt_ids))
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        stop=sampling.stop_tuple(),
+        seed=sampling.seed,
+    )
+    try:
+        stream = app[keys.ENGINE].submit(handle, prompt_ids, params)
+    except QueueFullError as exc:
+        raise ApiError(
+            429,
+            str(exc),
+            type="overloaded",
+            headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))},
+        ) from exc
+    except EngineStoppedError as exc:
+        raise ApiError(
+            503,
+            "the server is shutting down; retry on another replica",
+            type="shutting_down",
+            headers={"Retry-After": "5"},
+        ) from exc
+    request["request_id"] = stream.request_id
+    return Admitted(handle, stream, len(prompt_ids))
+
+
+def usage_of(result: GenerationResult) -> Usage:
+    u = result.usage
+    return Usage(
+        prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens
+    )
+
+
+async def collect(admitted: Admitted) -> GenerationResult:
+    """The whole result; a client that goes away cancels the generation (its slot frees at the next step)."""
+    try:
+        result = await admitted.stream.collect()
+    except asyncio.CancelledError:
+        admitted.stream.cancel()
+        raise
+    if result.finish_reason is FinishReason.ERROR:
+        raise ApiError(500, f"generation failed: {result.error}", type="generation_error")
+    return result
+
+
+async def sse_stream(
+    request: web.Request, admitted: Admitted, events: AsyncIterator[dict | str]
+) -> web.StreamResponse:
+    """Send each event as ``data: <json>``; a disconnect mid-stream cancels the generation."""
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+    response.headers["X-Request-Id"] = admitted.stream.request_id
+    await response.prepare(request)
+    try:
+        async for event in events:
+            data = event if isinstance(event, str) else json.dumps(event, separators=(",", ":"))
+            await response.write(f"data: {data}\n\n".encode())
+    except (asyncio.CancelledError, ConnectionResetError):
+        admitted.stream.cancel()
+        raise
+    finally:
+        if admitted.stream.result is None:
+            admitted.stream.cancel()
+    await response.write_eof()
+    return response

@@ -1,0 +1,126 @@
+"""``GET /openapi.json``: the OpenAPI 3.1 document, generated from the pydantic models in ``protocol``.
+
+Each endpoint is listed once below with its request and response models; the schemas come from
+pydantic, so the document cannot drift from what the handlers validate and return.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from service.api import paths, protocol
+
+routes = web.RouteTableDef()
+
+_REF = "#/components/schemas/{model}"
+_TEXT = {"schema": {"type": "string"}}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    path: str
+    summary: str
+    ok: type[BaseModel] | None  # None: a plain-text answer (metrics)
+    ok_status: int = 200
+    request: type[BaseModel] | None = None
+    errors: tuple[int, ...] = ()
+    streams: bool = False  # also answers text/event-stream when the body asks for it
+    extra_ok: dict[int, type[BaseModel]] = field(default_factory=dict)
+    admin: bool = False
+
+
+_BODY_ERRORS = (400, 413, 415, 422)
+_GENERATION_ERRORS = (*_BODY_ERRORS, 429, 500, 503)
+
+ENDPOINTS = (
+    Endpoint(
+        "post",
+        paths.COMPLETION,
+        "Chat completion (JSON, or SSE with stream=true)",
+        protocol.CompletionResponse,
+        request=protocol.CompletionRequest,
+        errors=_GENERATION_ERRORS,
+        streams=True,
+    ),
+    Endpoint(
+        "post",
+        paths.OPENAI_CHAT_COMPLETIONS,
+        "OpenAI-compatible chat completion",
+        protocol.OpenAIChatResponse,
+        request=protocol.OpenAIChatRequest,
+        errors=(*_GENERATION_ERRORS, 404),
+        streams=True,
+    ),
+    Endpoint("get", paths.OPENAI_MODELS, "OpenAI-compatible model list", protocol.OpenAIModelList),
+    Endpoint("get", paths.MODEL, "The serving model", protocol.ModelInfoResponse, errors=(503,)),
+    Endpoint(
+        "post",
+        paths.MODEL,
+        "Deploy another model (202: started; 200: already serving)",
+        protocol.DeploymentResponse,
+        ok_status=202,
+        request=protocol.DeployRequest,
+        errors=(*_BODY_ERRORS, 401, 403, 404, 409, 503),
+        extra_ok={200: protocol.DeploymentResponse},
+        admin=True,
+    ),
+    Endpoint("get", paths.STATUS, "Deployment status and history", protocol.StatusResponse),
+    Endpoint("get", paths.HEALTHZ, "Liveness probe", protocol.HealthResponse),
+    Endpoint(
+        "get",
+        paths.READYZ,
+        "Readiness probe (200 only while a model serves)",
+        protocol.HealthResponse,
+        errors=(503,),
+    ),
+    Endpoint("get", paths.METRICS, "Prometheus metrics (text exposition format)", None),
+)
+
+
+def _json(model: type[BaseModel]) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": _REF.format(model=model.__name__)}}}
+
+
+@cache
+def document() -> dict[str, Any]:
+    models: list[type[BaseModel]] = [protocol.ErrorResponse]
+    for e in ENDPOINTS:
+        models += [m for m in (e.ok, e.request, *e.extra_ok.values()) if m is not None]
+    _, schemas = models_json_schema([(m, "validation") for m in dict.fromkeys(models)], ref_template=_REF)
+    spec_paths: dict[str, dict[str, Any]] = {}
+    for e in ENDPOINTS:
+        ok_content = _json(e.ok) if e.ok else {"text/plain": _TEXT}
+        if e.streams:
+            ok_content = {**ok_content, "text/event-stream": _TEXT}
+        responses: dict[str, Any] = {str(e.ok_status): {"description": "OK", "content": ok_content}}
+        for status, model in e.extra_ok.items():
+            responses[str(status)] = {"description": "OK", "content": _json(model)}
+        for status in e.errors:
+            responses[str(status)] = {"description": "Error", "content": _json(protocol.ErrorResponse)}
+        operation: dict[str, Any] = {"summary": e.summary, "responses": responses}
+        if e.request is not None:
+            operation["requestBody"] = {"required": True, "content": _json(e.request)}
+        if e.admin:
+            operation["security"] = [{"bearer": []}, {}]
+        spec_paths.setdefault(e.path, {})[e.method] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "model-serving", "version": "0.1.0"},
+        "paths": spec_paths,
+        "components": {
+            "schemas": schemas.get("$defs", {}),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+@routes.get(paths.OPENAPI)
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(document())

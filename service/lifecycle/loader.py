@@ -1,0 +1,121 @@
+"""Turning a local model folder into a warmed-up :class:`ModelHandle`. Runs in a worker thread."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from datetime import UTC, datetime
+from pathlib import Path
+
+from service.handle import ModelHandle, ModelInfo
+from service.lifecycle.sources import ModelSource, SourceError
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class LoadError(Exception):
+    """The model files are unusable (corrupt, incomplete, unsupported); the message says why."""
+
+
+def count_parameters(model_dir: Path) -> int:
+    """Parameters in the folder's safetensors files, read from their headers without loading weights."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise LoadError(f"no *.safetensors weights in {model_dir.name!r} (other formats are not loaded)")
+    total = 0
+    for file in files:
+        try:
+            with file.open("rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(header_len))
+        except (struct.error, ValueError, OSError) as exc:
+            raise LoadError(f"unreadable safetensors header in {file.name}: {exc}") from exc
+        total += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+    return total
+
+
+def set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LoadError("device 'cuda' was asked for but CUDA is not available")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_bf16_supported():
+        return "float16"
+    return "bfloat16"
+
+
+def check_memory_budget(parameters: int, dtype: str, budget_bytes: int | None) -> None:
+    needed = parameters * _DTYPE_BYTES[dtype]
+    if budget_bytes is not None and needed > budget_bytes:
+        raise SourceError(
+            f"model needs {needed / 2**20:.0f} MiB for its weights in {dtype}, over the memory budget of "
+            f"{budget_bytes / 2**20:.0f} MiB (SERVING_MAX_MODEL_BYTES)",
+            413,
+        )
+
+
+def load(model_dir: Path, source: ModelSource, *, device: str, dtype: str) -> ModelHandle:
+    """Load weights and tokenizer (never with remote code) onto ``device``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=getattr(torch, dtype), trust_remote_code=False, local_files_only=True
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise LoadError(f"cannot load model from {model_dir.name!r}: {exc}") from exc
+    if not getattr(tokenizer, "chat_template", None):
+        raise LoadError("the tokenizer has no chat template, so chat messages cannot be rendered")
+    model.to(device).eval()
+    eos = model.generation_config.eos_token_id if model.generation_config else None
+    eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+    if tokenizer.eos_token_id is not None:
+        eos_ids.add(tokenizer.eos_token_id)
+    info = ModelInfo(
+        model_id=source.model_id,
+        revision=source.revision,
+        source=source.kind.value,
+        dtype=dtype,
+        device=device,
+        parameters=sum(p.numel() for p in model.parameters()),
+        loaded_at=datetime.now(UTC),
+        path=str(model_dir),
+        context_length=getattr(model.config, "max_position_embeddings", None),
+    )
+    return ModelHandle(info=info, model=model, tokenizer=tokenizer, eos_token_ids=frozenset(eos_ids))
+
+
+def warm_up(handle: ModelHandle) -> None:
+    """One short greedy generation: exercises the chat template and the kernels before traffic arrives."""
+    import torch
+
+    ids = handle.encode_chat([{"role": "user", "content": "Hello"}])
+    with torch.inference_mode():
+        try:
+            handle.model.generate(
+                torch.tensor([ids], device=handle.model.device),
+                max_new_tokens=2,
+                do_sample=False,
+                pad_token_id=handle.tokenizer.pad_token_id or next(iter(handle.eos_token_ids), 0),
+            )
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise LoadError(f"warm-up generation failed: {exc}") from exc

@@ -1,0 +1,273 @@
+"""Which model is serving: the deployment state machine, the atomic swap, rollback and persistence.
+
+Deployments run one at a time. Each goes pending → resolving/downloading → loading → warming →
+ready (or failed) while the previous model keeps serving; only a ready model is swapped in, by
+replacing one reference on the event loop. Slow work runs in a daemon thread, so the event loop
+never blocks and shutdown never waits on a half-loaded model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from service.handle import ModelHandle
+from service.lifecycle import loader, sources
+from service.lifecycle.deployment import Deployment, Phase
+from service.lifecycle.sources import ModelSource, SourceError, SourceKind
+from service.lifecycle.state import ServedModelRecord, StateStore
+from service.metrics import DEPLOYMENT_PHASES, ServingMetrics
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+HISTORY_LENGTH = 10
+
+
+class DeploymentConflictError(Exception):
+    """Another deployment is in progress; the caller should retry once it is finished."""
+
+    def __init__(self, running: Deployment) -> None:
+        super().__init__(f"deployment {running.id} of {running.model_id!r} is in progress ({running.phase})")
+        self.running = running
+
+
+class DeploymentInterruptedError(Exception):
+    """The server began shutting down while the deployment ran."""
+
+
+async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn`` in a daemon thread: unlike the default executor, it never holds up process exit."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(setter: Callable[[Any], None], value: Any) -> None:
+        if not future.done():
+            setter(value)
+
+    def work() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # delivered to the awaiting coroutine
+            loop.call_soon_threadsafe(settle, future.set_exception, exc)
+        else:
+            loop.call_soon_threadsafe(settle, future.set_result, result)
+
+    threading.Thread(
+        target=work, name=f"model-lifecycle:{getattr(fn, '__name__', 'work')}", daemon=True
+    ).start()
+    return await future
+
+
+class ModelManager:
+    """Owns the serving :class:`ModelHandle` and every deployment that replaces it."""
+
+    def __init__(self, settings: Settings, metrics: ServingMetrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._store = StateStore(settings.state_dir)
+        self._active: ModelHandle | None = None
+        self._current: Deployment | None = None
+        self._history: deque[Deployment] = deque(maxlen=HISTORY_LENGTH)
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        metrics.model_ready.set(0)
+
+    # --- queries ---
+    @property
+    def active(self) -> ModelHandle | None:
+        return self._active
+
+    @property
+    def current(self) -> Deployment | None:
+        return self._current
+
+    @property
+    def deploying(self) -> bool:
+        return self._current is not None and not self._current.finished
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "ready": self._active is not None,
+            "serving": model_info_dict(self._active) if self._active else None,
+            "deployment": self._current.as_dict() if self._current else None,
+            "history": [d.as_dict() for d in reversed(self._history)],
+        }
+
+    # --- commands ---
+    async def start(self) -> None:
+        """Begin serving: the model recorded by the last successful deployment, else the configured one."""
+        if self._settings.torch_threads:
+            loader.set_threads(self._settings.torch_threads)
+        record = self._store.load()
+        if record is not None:
+            log.info("restoring last deployed model", extra={"model_id": record.model_id})
+            source = sources.classify(record.model_id, record.revision)
+            deployment = Deployment(record.model_id, record.revision, trigger="restore")
+        else:
+            source = sources.classify(self._settings.model, self._settings.revision)
+            deployment = Deployment(self._settings.model, self._settings.revision, trigger="startup")
+        self._begin(deployment, source, fallback=record is not None)
+
+    async def deploy(self, model_id: str, revision: str | None = None) -> tuple[Deployment, bool]:
+        """Start deploying ``model_id`` from an API request.
+
+        Returns the deployment and whether one was started (False: that model already serves).
+        Raises :class:`SourceError` (a 4xx) for models this server must not or cannot serve, and
+        :class:`DeploymentConflictError` while another deployment runs.
+        """
+        s = self._settings
+        sources.check_allowed(model_id, s.allowed_models)
+        source = sources.classify(model_id, revision, s.model_root)
+        if source.kind is SourceKind.LOCAL:
+            path = sources.check_local_path(model_id, s.model_root)
+            source = ModelSource(str(path), SourceKind.LOCAL)
+        if self.deploying:
+            assert self._current is not None
+            raise DeploymentConflictError(self._current)
+        active = self._active
+        if (
+            active is not None
+            and active.info.model_id == source.model_id
+            and active.info.revision == revision
+        ):
+            assert self._current is not None
+            return self._current, False
+        if source.kind is SourceKind.HUB:
+            await asyncio.to_thread(sources.check_hub_exists, source)
+            if self.deploying:  # another request won the race while we checked the hub
+                assert self._current is not None
+                raise DeploymentConflictError(self._current)
+        deployment = Deployment(source.model_id, revision, trigger="api")
+        self._begin(deployment, source, fallback=False)
+        return deployment, True
+
+    async def stop(self) -> None:
+        """Interrupt a running deployment (its thread finishes in the background and is discarded)."""
+        self._stopping = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._active = None
+        self._metrics.model_ready.set(0)
+
+    # --- the state machine ---
+    def _begin(self, deployment: Deployment, source: ModelSource, *, fallback: bool) -> None:
+        self._current = deployment
+        self._history.append(deployment)
+        self._enter(deployment, Phase.PENDING)
+        self._task = asyncio.create_task(
+            self._run(deployment, source, fallback), name=f"deploy-{deployment.id}"
+        )
+
+    async def _run(self, deployment: Deployment, source: ModelSource, fallback: bool) -> None:
+        try:
+            handle = await self._prepare(deployment, source)
+        except asyncio.CancelledError:
+            self._fail(deployment, "interrupted: the server is shutting down")
+            raise
+        except (
+            SourceError,
+            loader.LoadError,
+            DeploymentInterruptedError,
+            sources.bundled.BundledModelMissingError,
+        ) as exc:
+            self._fail(deployment, str(exc))
+        except Exception as exc:  # any other loader failure must not kill the server
+            log.exception("deployment failed unexpectedly", extra={"deployment_id": deployment.id})
+            self._fail(deployment, f"{type(exc).__name__}: {exc}")
+        else:
+            self._swap(deployment, handle)
+            return
+        if fallback and self._active is None and not self._stopping:
+            # The recorded model no longer loads: fall back to the configured default.
+            source = sources.classify(self._settings.model, self._settings.revision)
+            self._begin(
+                Deployment(self._settings.model, self._settings.revision, trigger="startup"),
+                source,
+                fallback=False,
+            )
+
+    async def _prepare(self, deployment: Deployment, source: ModelSource) -> ModelHandle:
+        s = self._settings
+
+        def on_progress(done: int, total: int | None) -> None:  # called from the download thread
+            deployment.bytes_done, deployment.bytes_total = done, total
+
+        self._enter(deployment, Phase.DOWNLOADING if source.kind is SourceKind.HUB else Phase.RESOLVING)
+        model_dir: Path = await _in_daemon_thread(
+            lambda: sources.fetch(
+                source, cache_dir=s.cache_dir, model_root=s.model_root, on_progress=on_progress
+            )
+        )
+        device = await _in_daemon_thread(loader.resolve_device, s.device)
+        dtype = loader.resolve_dtype(s.dtype, device)
+        parameters = await _in_daemon_thread(loader.count_parameters, model_dir)
+        loader.check_memory_budget(parameters, dtype, s.max_model_bytes)
+
+        self._enter(deployment, Phase.LOADING)
+        handle = await _in_daemon_thread(lambda: loader.load(model_dir, source, device=device, dtype=dtype))
+        self._check_not_stopping()
+        self._enter(deployment, Phase.WARMING)
+        await _in_daemon_thread(loader.warm_up, handle)
+        self._check_not_stopping()
+        return handle
+
+    def _check_not_stopping(self) -> None:
+        if self._stopping:
+            raise DeploymentInterruptedError("interrupted: the server is shutting down")
+
+    def _swap(self, deployment: Deployment, handle: ModelHandle) -> None:
+        previous, self._active = self._active, handle
+        self._enter(deployment, Phase.READY)
+        info = handle.info
+        m = self._metrics
+        m.model_info.clear()
+        m.model_info.labels(info.model_id, info.revision or "", info.dtype, info.device).set(1)
+        m.model_ready.set(1)
+        m.deployments.labels("succeeded").inc()
+        m.model_load_duration.observe(deployment.phase_seconds["total"])
+        self._store.save(ServedModelRecord(info.model_id, info.revision))
+        if previous is not None:
+            # In-flight requests still hold the old handle; it is freed when the last one finishes.
+            del previous
+            gc.collect()
+
+    def _fail(self, deployment: Deployment, reason: str) -> None:
+        self._enter(deployment, Phase.FAILED, error=reason)
+        self._metrics.deployments.labels("failed").inc()
+        # The failed deployment's phase is shown, but the old model (if any) is still ready.
+        self._metrics.model_ready.set(1 if self._active is not None else 0)
+
+    def _enter(self, deployment: Deployment, phase: Phase, error: str | None = None) -> None:
+        if phase is not Phase.PENDING:
+            deployment.enter(phase, error)
+        for name in DEPLOYMENT_PHASES:
+            self._metrics.deployment_phase.labels(name).set(1 if name == phase.value else 0)
+        extra = {"deployment_id": deployment.id, "model_id": deployment.model_id, "phase": phase.value}
+        if error:
+            extra["error"] = error
+        log.log(logging.WARNING if phase is Phase.FAILED else logging.INFO, "deployment phase", extra=extra)
+
+
+def model_info_dict(handle: ModelHandle) -> dict[str, Any]:
+    i = handle.info
+    return {
+        "model_id": i.model_id,
+        "revision": i.revision,
+        "source": i.source,
+        "dtype": i.dtype,
+        "device": i.device,
+        "parameters": i.parameters,
+        "context_length": i.context_length,
+        "loaded_at": i.loaded_at.isoformat(),
+    }
