@@ -20,7 +20,7 @@ DEFAULT_JOB = "model-server"
 
 #: Window of the rate-based rules: long enough to smooth a few scrapes, short enough to page fast.
 WINDOW = "5m"
-#: A failed deployment stays visible this long, then its alert resolves by itself.
+#: A failed deployment alerts at least this long, even when a later one succeeded.
 DEPLOYMENT_FAILED_WINDOW = "15m"
 
 _GENERATION_ROUTES = f'route=~"{paths.COMPLETION}|{paths.OPENAI_CHAT_COMPLETIONS}"'
@@ -104,6 +104,7 @@ def _availability(job: str) -> list[Alert]:
 def _model(job: str) -> list[Alert]:
     j = f'job="{job}"'
     failed = selector(m.DEPLOYMENTS_TOTAL, j, 'result="failed"')
+    failed_phase = selector(m.DEPLOYMENT_PHASE, j, 'phase="failed"')
     rejected_full = rate(
         m.REQUESTS_REJECTED_TOTAL, j, 'reason="queue_full"', window=WINDOW, group=("namespace", "pod")
     )
@@ -112,12 +113,15 @@ def _model(job: str) -> list[Alert]:
     return [
         Alert(
             "ModelDeploymentFailed",
-            f"sum by (namespace, pod) (increase({failed}[{DEPLOYMENT_FAILED_WINDOW}])) > 0",
+            # The phase gauge catches a failure even when the counter's "failed" series is new (increase()
+            # misses a series' first sample); the counter catches a failure already followed by a retry.
+            f"max by (namespace, pod) ({failed_phase}) == 1"
+            f" or sum by (namespace, pod) (increase({failed}[{DEPLOYMENT_FAILED_WINDOW}])) > 0",
             "0m",
             "warning",
             "A model deployment failed on {{ $labels.namespace }}/{{ $labels.pod }}",
-            f"A deployment ended in the failed phase within the last {DEPLOYMENT_FAILED_WINDOW}; the "
-            "replica kept serving its previous model, if it had one.",
+            f"The replica's last deployment failed, or one failed within {DEPLOYMENT_FAILED_WINDOW}; it "
+            "kept serving its previous model, if it had one.",
         ),
         Alert(
             "ModelServerQueueSaturated",

@@ -123,7 +123,10 @@ def test_error_ratio_fires_on_ten_percent_5xx_and_resolves_when_errors_stop(tmp_
     )
 
 
-def test_deployment_failed_fires_at_once_and_resolves_after_its_window(tmp_path: Path) -> None:
+@pytest.mark.parametrize("failed_before", ["0", "_"], ids=["counter-initialised", "counter-series-new"])
+def test_deployment_failed_fires_at_once_and_resolves_after_its_window(
+    tmp_path: Path, failed_before: str
+) -> None:
     target = {"namespace": TARGET["namespace"], "pod": TARGET["pod"]}
     run_promtool(
         tmp_path,
@@ -132,8 +135,10 @@ def test_deployment_failed_fires_at_once_and_resolves_after_its_window(tmp_path:
                 "interval": "1m",
                 "input_series": [
                     series(m.DEPLOYMENTS_TOTAL, "1x40", result="succeeded"),
-                    # One deployment fails at 6m.
-                    series(m.DEPLOYMENTS_TOTAL, "0x5 1x35", result="failed"),
+                    # One deployment fails at 6m; "_" is a counter whose failed series appears only then.
+                    series(m.DEPLOYMENTS_TOTAL, f"{failed_before}x5 1x35", result="failed"),
+                    # Its phase shows "failed" until the next deployment starts at 10m.
+                    series(m.DEPLOYMENT_PHASE, "0x5 1x4 0x30", phase="failed"),
                 ],
                 "alert_rule_test": [
                     check("ModelDeploymentFailed", "5m"),
