@@ -1,0 +1,27 @@
+"""Generation engine: continuous batching over the serving model, streaming, backpressure."""
+
+from service.engine.engine import Engine
+from service.engine.stream import GenerationStream
+from service.engine.types import (
+    EngineError,
+    EngineStoppedError,
+    FinishReason,
+    GenerationResult,
+    QueueFullError,
+    SamplingParams,
+    TokenDelta,
+    Usage,
+)
+
+__all__ = [
+    "Engine",
+    "EngineError",
+    "EngineStoppedError",
+    "FinishReason",
+    "GenerationResult",
+    "GenerationStream",
+    "QueueFullError",
+    "SamplingParams",
+    "TokenDelta",
+    "Usage",
+]

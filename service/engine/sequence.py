@@ -1,0 +1,97 @@
+"""One request inside the engine: its prompt, sampling state, generated tokens and text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from service.engine.stream import GenerationStream
+from service.engine.text import IncrementalDetokenizer, StopStringMatcher
+from service.engine.types import FinishReason, GenerationResult, SamplingParams, Usage
+from service.handle import ModelHandle
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Engine-internal state of one request; dropped (with its handle reference) once it finishes."""
+
+    request_id: str
+    handle: ModelHandle
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: GenerationStream
+    submitted_at: float  # time.monotonic()
+    deadline: float
+    max_new_tokens: int = 0  # set at admission: params.max_tokens capped by the context length
+    generator: torch.Generator | None = None  # per-request, so a seeded request is reproducible
+    output_ids: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    _detokenizer: IncrementalDetokenizer | None = None
+    _matcher: StopStringMatcher = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._matcher = StopStringMatcher(self.params.stop)
+
+    def admit(self, device: torch.device, context_length: int | None) -> None:
+        """Prepare to generate on ``device``: the sampling generator, the detokenizer and the token budget."""
+        budget = self.params.max_tokens
+        if context_length is not None:
+            budget = min(budget, context_length - len(self.prompt_ids))
+        if budget <= 0:
+            raise ValueError(
+                f"the prompt ({len(self.prompt_ids)} tokens) leaves no room in the context ({context_length})"
+            )
+        self.max_new_tokens = budget
+        if self.params.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            if self.params.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(self.params.seed)
+        self._detokenizer = IncrementalDetokenizer(self.handle.tokenizer, self.prompt_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def add_token(self, token_id: int, is_eos: bool) -> str:
+        """Record a generated token; return the text it releases. Sets ``finish_reason`` if it ends here."""
+        assert self._detokenizer is not None, "admit() first"
+        self.output_ids.append(token_id)
+        if is_eos:
+            self.finish_reason = FinishReason.STOP
+            return self.release_tail()
+        text, stopped = self._matcher.push(self._detokenizer.push(token_id))
+        if stopped:
+            self.finish_reason = FinishReason.STOP
+        elif len(self.output_ids) >= self.max_new_tokens:
+            self.finish_reason = FinishReason.LENGTH
+            text += self.release_tail()
+        return text
+
+    def release_tail(self) -> str:
+        """Text held back (incomplete characters, a possible stop-string start), released at the end."""
+        if self._detokenizer is None:
+            return ""
+        text, stopped = self._matcher.push(self._detokenizer.flush())
+        if stopped:
+            self.finish_reason = FinishReason.STOP
+            return text
+        return text + self._matcher.flush()
+
+    def finish(self, reason: FinishReason, error: str | None = None) -> None:
+        self.finish_reason = reason
+        self.error = error
+
+    def result(self) -> GenerationResult:
+        assert self.finish_reason is not None
+        return GenerationResult(
+            text=self._matcher.text,
+            finish_reason=self.finish_reason,
+            usage=Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids)),
+            error=self.error,
+        )
