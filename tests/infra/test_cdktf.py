@@ -1,0 +1,233 @@
+"""The CDK Terrain stack (cdktf/): synthesized in-process and through `python main.py`, no cluster.
+
+Providers cannot be downloaded here, so `terraform validate` cannot run: these tests assert on the
+synthesized JSON, and checkov scans it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
+
+# Aliased so that pytest does not try to collect a class named Test*.
+from cdktn import Testing as CdktnTesting
+
+from infra_constructs import conventions
+
+CDKTF_DIR = Path(__file__).resolve().parents[2] / "cdktf"
+# cdktf/ is an app folder, not a package (a package named cdktf would shadow the library).
+sys.path.insert(0, str(CDKTF_DIR))
+
+from cluster_stack import (  # noqa: E402
+    KUBE_PROMETHEUS_STACK_VERSION,
+    PROMETHEUS_COMMUNITY_REPO,
+    ClusterFoundationProps,
+    ClusterStack,
+    kube_prometheus_stack_values,
+)
+from main import STACK_ID  # noqa: E402
+
+# The reference budget (seed README): one node, 6 CPU / 12 GiB, of which the model server requests
+# 2 CPU / 4 GiB. The stack must also fit `minikube start --cpus 4 --memory 8g` next to the model
+# server, leaving ~1 CPU / 1 GiB for the control plane and system pods.
+MODEL_SERVER_REQUESTS = (2.0, 4 * 1024)
+MINIKUBE_NODE = (4.0, 8 * 1024)
+SYSTEM_HEADROOM = (1.0, 1024)
+
+
+@pytest.fixture(scope="module")
+def synthesized() -> str:
+    return CdktnTesting.synth(ClusterStack(CdktnTesting.app(), STACK_ID))
+
+
+@pytest.fixture(scope="module")
+def config(synthesized: str) -> dict[str, Any]:
+    return json.loads(synthesized)
+
+
+@pytest.fixture(scope="module")
+def release(config: dict[str, Any]) -> dict[str, Any]:
+    (release,) = config["resource"]["helm_release"].values()
+    return release
+
+
+@pytest.fixture(scope="module")
+def values(release: dict[str, Any]) -> dict[str, Any]:
+    (values,) = release["values"]
+    return json.loads(values)
+
+
+@pytest.fixture(scope="module")
+def cli_outdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What `cd cdktf && python main.py` writes (into a temp dir through CDKTF_OUTDIR, as the CLI does)."""
+    outdir = tmp_path_factory.mktemp("cdktf.out")
+    subprocess.run(
+        [sys.executable, "main.py"],
+        cwd=CDKTF_DIR,
+        env={**os.environ, "CDKTF_OUTDIR": str(outdir)},
+        check=True,
+        timeout=120,
+    )
+    return outdir
+
+
+def _namespace(config: dict[str, Any], name: str) -> dict[str, Any]:
+    metadata = [ns["metadata"][0] for ns in config["resource"]["kubernetes_namespace_v1"].values()]
+    (match,) = (m for m in metadata if m["name"] == name)
+    return match
+
+
+def test_namespaces_come_from_conventions(config: dict[str, Any]) -> None:
+    for name in (conventions.APP_NAMESPACE, conventions.MONITORING_NAMESPACE):
+        labels = _namespace(config, name)["labels"]
+        assert labels[conventions.PART_OF_LABEL[0]] == conventions.PART_OF_LABEL[1]
+    assert len(config["resource"]["kubernetes_namespace_v1"]) == 2
+
+
+def test_app_namespace_is_the_one_synth_py_deploys_into(config: dict[str, Any]) -> None:
+    # synth.py's constructs default to the same conventions.APP_NAMESPACE: the Terraform side must
+    # create exactly that namespace and report it.
+    assert _namespace(config, conventions.APP_NAMESPACE)
+    assert config["output"]["app_namespace"]["value"] == conventions.APP_NAMESPACE
+    assert ClusterFoundationProps().app_namespace == conventions.APP_NAMESPACE
+
+
+def test_helm_release_is_pinned_and_ci_friendly(synthesized: str, release: dict[str, Any]) -> None:
+    assert CdktnTesting.to_have_resource_with_properties(
+        synthesized,
+        "helm_release",
+        {
+            "name": conventions.PROMETHEUS_STACK_RELEASE,
+            "chart": "kube-prometheus-stack",
+            "repository": PROMETHEUS_COMMUNITY_REPO,
+            "version": KUBE_PROMETHEUS_STACK_VERSION,
+            "namespace": conventions.MONITORING_NAMESPACE,
+            "atomic": True,
+            "wait": True,
+            "create_namespace": False,
+        },
+    )
+    assert KUBE_PROMETHEUS_STACK_VERSION.count(".") == 2  # an exact version, not a range
+    assert 300 <= release["timeout"] <= 1800
+    # The namespace must exist before Helm installs into it.
+    assert any("monitoring-namespace" in dep for dep in release["depends_on"])
+
+
+def test_values_are_code_not_a_yaml_blob(values: dict[str, Any]) -> None:
+    assert values == kube_prometheus_stack_values(ClusterFoundationProps())
+
+
+def _effective_selector(spec: dict[str, Any], kind: str, release: str) -> dict[str, str]:
+    """matchLabels Prometheus ends up with, as the chart's prometheus.yaml template renders them."""
+    if explicit := spec.get(f"{kind}Selector"):
+        return explicit.get("matchLabels", {})
+    if spec.get(f"{kind}SelectorNilUsesHelmValues", True):
+        return {"release": release}
+    return {}  # selects every object
+
+
+@pytest.mark.parametrize("kind", ["serviceMonitor", "rule"])
+@pytest.mark.parametrize("install", ["ours", "stock chart values"])
+def test_our_monitoring_labels_satisfy_the_release_selector(
+    values: dict[str, Any], kind: str, install: str
+) -> None:
+    spec = values["prometheus"]["prometheusSpec"] if install == "ours" else {}
+    selector = _effective_selector(spec, kind, conventions.PROMETHEUS_STACK_RELEASE)
+    assert selector.items() <= conventions.PROMETHEUS_SELECTOR_LABELS.items()
+    # No namespace selector: our objects live in the app namespace, not in the monitoring one.
+    assert f"{kind}NamespaceSelector" not in spec
+
+
+def test_grafana_sidecar_discovers_our_dashboards_everywhere(values: dict[str, Any]) -> None:
+    dashboards = values["grafana"]["sidecar"]["dashboards"]
+    label, label_value = conventions.GRAFANA_DASHBOARD_LABEL
+    assert dashboards["enabled"] is True
+    assert (dashboards["label"], dashboards["labelValue"]) == (label, label_value)
+    assert dashboards["searchNamespace"] == "ALL"
+    assert dashboards["folderAnnotation"] == conventions.GRAFANA_FOLDER_ANNOTATION
+    assert dashboards["provider"]["foldersFromFilesStructure"] is True
+
+
+def _quantity(value: str) -> float:
+    """CPU in cores or memory in MiB, for the suffixes the values use."""
+    for suffix, scale in (("m", 1e-3), ("Mi", 1.0), ("Gi", 1024.0)):
+        if value.endswith(suffix):
+            return float(value.removesuffix(suffix)) * scale
+    return float(value)
+
+
+def _requests(node: Any) -> Iterator[dict[str, str]]:
+    if isinstance(node, dict):
+        if "requests" in node:
+            yield node["requests"]
+        for child in node.values():
+            yield from _requests(child)
+
+
+def test_requests_fit_the_single_node_budget(values: dict[str, Any]) -> None:
+    requests = list(_requests(values))
+    # prometheus, alertmanager, operator, kube-state-metrics, node-exporter, grafana + its sidecars
+    assert len(requests) == 7
+    cpu = sum(_quantity(r["cpu"]) for r in requests)
+    memory = sum(_quantity(r["memory"]) for r in requests)
+    free_cpu = MINIKUBE_NODE[0] - MODEL_SERVER_REQUESTS[0] - SYSTEM_HEADROOM[0]
+    free_memory = MINIKUBE_NODE[1] - MODEL_SERVER_REQUESTS[1] - SYSTEM_HEADROOM[1]
+    assert cpu <= free_cpu, f"{cpu} CPU requested, {free_cpu} left"
+    assert memory <= free_memory, f"{memory} MiB requested, {free_memory} left"
+
+
+def test_providers_take_the_kubeconfig_from_variables(synthesized: str, config: dict[str, Any]) -> None:
+    access = {"config_path": "${var.kubeconfig_path}", "config_context": "${var.kube_context}"}
+    assert CdktnTesting.to_have_provider_with_properties(synthesized, "kubernetes", access)
+    assert CdktnTesting.to_have_provider_with_properties(synthesized, "helm", {"kubernetes": access})
+    assert config["variable"]["kubeconfig_path"]["default"] == "~/.kube/config"
+    assert config["variable"]["kube_context"]["default"] == ""  # the file's current context
+
+
+def test_outputs_say_how_to_reach_grafana(config: dict[str, Any]) -> None:
+    outputs = {name: output["value"] for name, output in config["output"].items()}
+    assert outputs["monitoring_namespace"] == conventions.MONITORING_NAMESPACE
+    assert outputs["release_name"] == conventions.PROMETHEUS_STACK_RELEASE
+    assert outputs["grafana_port_forward"].startswith(
+        f"kubectl -n {conventions.MONITORING_NAMESPACE} port-forward "
+        f"svc/{conventions.PROMETHEUS_STACK_RELEASE}-grafana 3000:80"
+    )
+
+
+def test_main_py_synthesizes_without_build_machine_paths(cli_outdir: Path) -> None:
+    text = (cli_outdir / "stacks" / STACK_ID / "cdk.tf.json").read_text()
+    for machine_path in (str(CDKTF_DIR.parent), str(cli_outdir), str(Path.home())):
+        assert machine_path not in text
+    backend_path = json.loads(text)["terraform"]["backend"]["local"]["path"]
+    assert not Path(backend_path).is_absolute()
+    # From the stack's working directory the state lands in cdktf/, where `cdktn deploy` keeps it.
+    stack_dir = CDKTF_DIR / "cdktf.out" / "stacks" / STACK_ID
+    assert (stack_dir / backend_path).resolve() == CDKTF_DIR / f"terraform.{STACK_ID}.tfstate"
+
+
+def test_checkov_passes_on_the_synthesized_json(cli_outdir: Path, tmp_path: Path) -> None:
+    (tmp_path / "cdk.tf.json").write_text((cli_outdir / "stacks" / STACK_ID / "cdk.tf.json").read_text())
+    # checkov has no policies for namespaces or helm_release; a known-bad pod proves the scan runs.
+    canary = {"metadata": [{"name": "canary"}], "spec": [{"container": [{"name": "c", "image": "busybox"}]}]}
+    (tmp_path / "canary.tf.json").write_text(json.dumps({"resource": {"kubernetes_pod_v1": {"c": canary}}}))
+    command = ["-d", str(tmp_path), "--framework", "terraform_json", "--skip-download", "--output", "json"]
+    run = subprocess.run(
+        [sys.executable, "-m", "checkov.main", *command],
+        env={**os.environ, "BC_SKIP_MAPPING": "TRUE"},  # no network: skip the guideline download
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    report = json.loads(run.stdout)
+    assert report["summary"]["parsing_errors"] == 0
+    failed = {(check["file_path"], check["check_id"]) for check in report["results"]["failed_checks"]}
+    assert {path for path, _ in failed} == {"/canary.tf.json"}, failed
