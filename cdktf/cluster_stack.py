@@ -5,7 +5,7 @@ the ``kubectl apply`` flow of ``synth.py``. Every name Prometheus or Grafana mat
 ``infra_constructs.conventions``, the module the cdk8s constructs import too.
 
 Resource budget: the reference machine gives the cluster 6 CPU / 12 GiB, and the model server asks
-for 2 CPU / 4 GiB of it. The requests below total ~0.6 CPU / ~1.1 GiB, so the stack also schedules on
+for 2 CPU / 4 GiB of it. The requests below total ~0.6 CPU / ~1 GiB, so the stack also schedules on
 the smaller ``minikube start --cpus 4 --memory 8g`` next to the model server and the control plane
 (~0.75 CPU of requests on minikube).
 """
