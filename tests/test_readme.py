@@ -7,21 +7,23 @@ What this module expects of README.md:
   targets ``http://localhost:8000`` (or ``127.0.0.1:8000``) is an example, run in README order
   against one server. One curl command per example (``\\`` line continuations are fine, pipes are
   not: show output in a separate block). It must answer 2xx, unless a comment line right above it
-  says otherwise, e.g. ``# expect: 409``. ``$SERVING_ADMIN_TOKEN`` may appear in headers.
+  says otherwise, e.g. ``# expect: 409``. The server requires an admin token: the POST /model
+  example sends ``-H "Authorization: Bearer $SERVING_ADMIN_TOKEN"`` (bash expands it).
   Together the examples must call every path in ``service/api/paths.py``.
 * **POST /model**: its example deploys ``README_HUB_MODEL``; offline, the test server has the tiny
   hub model in its place. Examples do not name the served model in a request's ``"model"`` field.
 * **configuration table**: a Markdown table whose first header cell is ``Environment variable``,
   one row per setting, the variable in backticks in the first cell: ``| `SERVING_PORT` | ... |``.
 
-With ``README_BASE_URL`` set (CI's e2e job, through a port-forward), the examples run against that
-server as written instead of a local one.
+With ``README_BASE_URL`` set (CI's e2e job, through a port-forward), the examples run as written
+against that server, with the ``SERVING_ADMIN_TOKEN`` of the environment, instead of a local one.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import secrets
 import shlex
 import subprocess
 from collections.abc import Iterator
@@ -33,6 +35,7 @@ import pytest
 from service.api import paths
 from service.settings import ENV_PREFIX, Settings
 from tests.conftest import TINY_HUB_ID
+from tests.server_process import running_server
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 #: The hub model the README's POST /model example deploys (CI's e2e job deploys it for real).
@@ -117,6 +120,7 @@ def test_readme_has_curl_examples_for_every_endpoint() -> None:
 class Target:
     base_url: str
     substitutions: dict[str, str]
+    env: dict[str, str]  # of the curl commands
 
 
 @pytest.fixture(scope="module")
@@ -124,17 +128,17 @@ def readme_target(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Target]:
     if base_url := os.environ.get("README_BASE_URL"):
-        yield Target(base_url.rstrip("/"), {})
+        yield Target(base_url.rstrip("/"), {}, dict(os.environ))
         return
-    from tests.server_process import running_server
-
     # Tiny model A serves; the README's hub model resolves to tiny model B in an offline hub cache.
     model = request.getfixturevalue("tiny_model_a")
-    hf_home = request.getfixturevalue("hf_home")
-    with running_server(
-        tmp_path_factory.mktemp("readme"), model=str(model), env={"HF_HOME": str(hf_home)}
-    ) as server:
-        yield Target(server.base_url, {README_HUB_MODEL: TINY_HUB_ID})
+    server_env = {
+        "HF_HOME": str(request.getfixturevalue("hf_home")),
+        "SERVING_ADMIN_TOKEN": secrets.token_hex(16),
+    }
+    workdir = tmp_path_factory.mktemp("readme")
+    with running_server(workdir, model=str(model), env=server_env) as server:
+        yield Target(server.base_url, {README_HUB_MODEL: TINY_HUB_ID}, {**os.environ, **server_env})
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[example.id for example in EXAMPLES])
@@ -150,6 +154,7 @@ def test_readme_curl_example(example: CurlExample, readme_target: Target, tmp_pa
         capture_output=True,
         text=True,
         timeout=CURL_TIMEOUT_S + 30,
+        env=readme_target.env,
         check=False,
     )
     answer = body.read_text(errors="replace")[:2000] if body.exists() else ""
