@@ -68,7 +68,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--min-replicas", type=int, default=_AUTOSCALING.min_replicas, help="HPA minimum" + d)
     add("--max-replicas", type=int, default=_AUTOSCALING.max_replicas, help="HPA maximum" + d)
     add("--target-cpu", type=int, default=_AUTOSCALING.target_cpu_utilization, help="HPA CPU %%" + d)
-    add("--network-policy", action="store_true", help="add an ingress NetworkPolicy")
+    add("--no-network-policy", action="store_true", help="leave out the ingress NetworkPolicy")
     add(
         "--allow-namespace",
         action="append",
@@ -124,7 +124,7 @@ def build(args: argparse.Namespace) -> cdk8s.App:
         )
         if args.autoscaling
         else None,
-        network_policy=NetworkPolicyOptions(**allowed) if args.network_policy else None,
+        network_policy=None if args.no_network_policy else NetworkPolicyOptions(**allowed),
         max_running_requests=args.max_running_requests,
         max_queued_requests=args.max_queued_requests,
         shutdown_grace_s=args.shutdown_grace_s,

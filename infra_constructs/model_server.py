@@ -119,7 +119,7 @@ def env_name(setting: str) -> str:
 
 
 class ModelServer(Construct):
-    """The model server: Deployment, ServiceAccount, Service, and when asked PDB, HPA and NetworkPolicy.
+    """The model server: Deployment, ServiceAccount, Service, NetworkPolicy, and when asked PDB and HPA.
 
     Secure by default: non-root (uid ``IMAGE_UID``), read-only root filesystem, no privilege escalation,
     every capability dropped, ``RuntimeDefault`` seccomp, no service-account token. A rolling update
@@ -143,7 +143,9 @@ class ModelServer(Construct):
             ``SecretKeyRef(name=f"{name}-admin")`` (key ``token``, required).
         autoscaling: add a HorizontalPodAutoscaler; the Deployment then leaves ``replicas`` to it.
             Default: ``None`` (fixed ``replicas``).
-        network_policy: add an ingress NetworkPolicy. Default: ``None`` (no policy).
+        network_policy: the ingress NetworkPolicy. Default: ``NetworkPolicyOptions()`` (only the
+            monitoring namespace and the server's own namespace reach the ``http`` port); ``None``
+            for no policy.
         port: container and Service port. Default: ``DEFAULT_PORT`` of the server's settings (8000).
         max_running_requests: ``SERVING_MAX_RUNNING_REQUESTS``. Default: ``None`` (server default).
         max_queued_requests: ``SERVING_MAX_QUEUED_REQUESTS``. Default: ``None`` (server default).
@@ -171,7 +173,7 @@ class ModelServer(Construct):
         shm_size: str = "1Gi",
         admin_token: SecretKeyRef | None = None,
         autoscaling: Autoscaling | None = None,
-        network_policy: NetworkPolicyOptions | None = None,
+        network_policy: NetworkPolicyOptions | None = NetworkPolicyOptions(),
         port: int = DEFAULT_PORT,
         max_running_requests: int | None = None,
         max_queued_requests: int | None = None,
