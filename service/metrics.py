@@ -7,6 +7,8 @@ their tests instead of silently emptying a panel. Metrics are registered on an i
 
 from __future__ import annotations
 
+import gc
+import time
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -51,14 +53,33 @@ PROCESS_RESIDENT_MEMORY_BYTES = "process_resident_memory_bytes"
 PROCESS_CPU_SECONDS_TOTAL = "process_cpu_seconds_total"
 GC_COLLECTIONS_TOTAL = "python_gc_collections_total"
 GC_OBJECTS_COLLECTED_TOTAL = "python_gc_objects_collected_total"
+# prometheus_client counts collections but not their duration; the server times them itself.
+GC_DURATION_SECONDS = f"{PREFIX}_gc_duration_seconds"
 
 #: Phases of a model deployment, in order; ``failed`` can follow any of them.
 DEPLOYMENT_PHASES = ("pending", "resolving", "downloading", "loading", "warming", "ready", "failed")
+DEPLOYMENT_RESULTS = ("succeeded", "failed")
+REJECT_REASONS = ("queue_full", "shutting_down", "no_model")
+CANCEL_REASONS = ("client_disconnected", "timeout")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 _LOAD_BUCKETS = (0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300, 600)
 _BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+_GC_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+
+
+def _time_gc(histogram: Histogram) -> None:
+    """Observe every garbage collection's duration, by generation, through ``gc.callbacks``."""
+    started: dict[str, float] = {}
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started["t"] = time.perf_counter()
+        elif "t" in started:
+            histogram.labels(str(info["generation"])).observe(time.perf_counter() - started.pop("t"))
+
+    gc.callbacks.append(callback)
 
 
 @dataclass(frozen=True)
@@ -99,8 +120,17 @@ class ServingMetrics:
             ProcessCollector(registry=registry)
             PlatformCollector(registry=registry)
             GCCollector(registry=registry)
+            _time_gc(
+                Histogram(
+                    GC_DURATION_SECONDS,
+                    "Time spent in garbage collection, by generation.",
+                    ["generation"],
+                    buckets=_GC_BUCKETS,
+                    registry=registry,
+                )
+            )
         r = registry
-        return cls(
+        metrics = cls(
             registry=r,
             http_requests=Counter(
                 HTTP_REQUESTS_TOTAL, "HTTP requests answered.", ["route", "method", "status"], registry=r
@@ -177,3 +207,12 @@ class ServingMetrics:
                 registry=r,
             ),
         )
+        # Known label values start at 0, so rate() and alerts see a series before the first event.
+        for labelled, values in (
+            (metrics.deployments, DEPLOYMENT_RESULTS),
+            (metrics.requests_rejected, REJECT_REASONS),
+            (metrics.requests_cancelled, CANCEL_REASONS),
+        ):
+            for value in values:
+                labelled.labels(value)
+        return metrics

@@ -9,7 +9,13 @@ from aiohttp import web
 from service.api import paths
 from service.api.errors import parse_body
 from service.api.generation import Admitted, admit, collect, sse_stream, usage_of
-from service.api.protocol import AssistantMessage, CompletionChunk, CompletionRequest, CompletionResponse
+from service.api.protocol import (
+    AssistantMessage,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorDetail,
+)
 
 routes = web.RouteTableDef()
 
@@ -35,18 +41,16 @@ async def _chunks(admitted: Admitted) -> AsyncIterator[dict]:
     stream = admitted.stream
     async for delta in stream:
         if delta.text:
-            yield CompletionChunk(
-                id=stream.request_id, model=admitted.model_id, delta=delta.text
-            ).model_dump()
+            yield CompletionChunk(id=stream.request_id, model=admitted.model_id, delta=delta.text).model_dump(
+                exclude_none=True
+            )
     result = stream.result
     assert result is not None
-    final = CompletionChunk(
+    yield CompletionChunk(
         id=stream.request_id,
         model=admitted.model_id,
         delta="",
         finish_reason=result.finish_reason.value,
         usage=usage_of(result),
-    ).model_dump()
-    if result.error:
-        final["error"] = {"type": "generation_error", "message": result.error}
-    yield final
+        error=ErrorDetail(type="generation_error", message=result.error) if result.error else None,
+    ).model_dump(exclude_none=True)

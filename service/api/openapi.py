@@ -31,6 +31,7 @@ class Endpoint:
     ok_status: int = 200
     request: type[BaseModel] | None = None
     errors: tuple[int, ...] = ()
+    stream_event: type[BaseModel] | None = None  # JSON payload of each SSE event, when streaming
     streams: bool = False  # also answers text/event-stream when the body asks for it
     extra_ok: dict[int, type[BaseModel]] = field(default_factory=dict)
     admin: bool = False
@@ -48,6 +49,7 @@ ENDPOINTS = (
         request=protocol.CompletionRequest,
         errors=_GENERATION_ERRORS,
         streams=True,
+        stream_event=protocol.CompletionChunk,
     ),
     Endpoint(
         "post",
@@ -84,6 +86,19 @@ ENDPOINTS = (
 )
 
 
+def _sse_event(payload: type[BaseModel] | None) -> dict[str, Any]:
+    """Schema of one event (OpenAPI 3.1 style): its ``data`` is JSON of ``payload`` when given."""
+    data: dict[str, Any] = {"type": "string"}
+    if payload is not None:
+        data |= {
+            "contentMediaType": "application/json",
+            "contentSchema": {"$ref": _REF.format(model=payload.__name__)},
+        }
+    else:  # OpenAI chunks, then the literal [DONE]
+        data["description"] = "JSON chat.completion.chunk objects, then the literal [DONE]"
+    return {"type": "object", "required": ["data"], "properties": {"data": data}}
+
+
 def _json(model: type[BaseModel]) -> dict[str, Any]:
     return {"application/json": {"schema": {"$ref": _REF.format(model=model.__name__)}}}
 
@@ -92,13 +107,13 @@ def _json(model: type[BaseModel]) -> dict[str, Any]:
 def document() -> dict[str, Any]:
     models: list[type[BaseModel]] = [protocol.ErrorResponse]
     for e in ENDPOINTS:
-        models += [m for m in (e.ok, e.request, *e.extra_ok.values()) if m is not None]
+        models += [m for m in (e.ok, e.request, e.stream_event, *e.extra_ok.values()) if m is not None]
     _, schemas = models_json_schema([(m, "validation") for m in dict.fromkeys(models)], ref_template=_REF)
     spec_paths: dict[str, dict[str, Any]] = {}
     for e in ENDPOINTS:
         ok_content = _json(e.ok) if e.ok else {"text/plain": _TEXT}
         if e.streams:
-            ok_content = {**ok_content, "text/event-stream": _TEXT}
+            ok_content = {**ok_content, "text/event-stream": {"schema": _sse_event(e.stream_event)}}
         responses: dict[str, Any] = {str(e.ok_status): {"description": "OK", "content": ok_content}}
         for status, model in e.extra_ok.items():
             responses[str(status)] = {"description": "OK", "content": _json(model)}

@@ -71,6 +71,16 @@ class CompletionResponse(BaseModel):
     usage: Usage
 
 
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    details: list[dict[str, Any]] | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
 class CompletionChunk(BaseModel):
     """One SSE event of a streamed /completion; the last has ``finish_reason`` and ``usage``."""
 
@@ -79,6 +89,7 @@ class CompletionChunk(BaseModel):
     delta: str
     finish_reason: FinishReasonName | None = None
     usage: Usage | None = None
+    error: ErrorDetail | None = None  # only on a last event whose generation failed
 
 
 class DeployRequest(_Strict):
@@ -128,16 +139,6 @@ class StatusResponse(BaseModel):
 
 class HealthResponse(BaseModel):
     status: Literal["ok", "ready"]
-
-
-class ErrorDetail(BaseModel):
-    type: str
-    message: str
-    details: list[dict[str, Any]] | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
 
 
 # --- OpenAI-compatible models (the subset the official SDK sends and reads) ---

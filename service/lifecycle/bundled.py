@@ -80,6 +80,10 @@ def ensure_converted(cache_dir: Path) -> Path:
         model.save_pretrained(work, safe_serialization=True)
         tokenizer.save_pretrained(work)
         (work / _COMPLETE_MARKER).write_text(source.name)
+        # mkdtemp makes the folder owner-only; an image's non-root user must be able to read it.
+        work.chmod(0o755)
+        for file in work.iterdir():
+            file.chmod(0o644)
         if target.exists():
             shutil.rmtree(target)
         os.replace(work, target)
