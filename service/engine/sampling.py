@@ -17,12 +17,18 @@ def sample_next_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     return tokens
 
 
+# Below this a temperature only overflows the scores; the distribution is already one-hot.
+_MIN_TEMPERATURE = 1e-4
+
+
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    scores = logits.float() / temperature
+    scores = logits.float() / max(temperature, _MIN_TEMPERATURE)
     if top_p >= 1.0:
         return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
     sorted_scores, order = scores.sort(descending=True)
     probs = sorted_scores.softmax(-1)
     # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
-    probs[(probs.cumsum(-1) - probs) >= top_p] = 0.0
+    outside = (probs.cumsum(-1) - probs) >= top_p
+    outside[0] = False  # a top_p that rounds to 0 in float32 must still keep one token
+    probs[outside] = 0.0
     return int(order[torch.multinomial(probs, 1, generator=generator)])
