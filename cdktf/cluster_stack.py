@@ -4,10 +4,10 @@ These are cluster-level and long-lived, so they live in Terraform state (CDK Ter
 the ``kubectl apply`` flow of ``synth.py``. Every name Prometheus or Grafana matches on comes from
 ``infra_constructs.conventions``, the module the cdk8s constructs import too.
 
-Resource budget: the reference machine gives the cluster 6 CPU / 12 GiB, and the model server asks
-for 2 CPU / 4 GiB of it. The requests below total ~0.6 CPU / ~1 GiB, so the stack also schedules on
-the smaller ``minikube start --cpus 4 --memory 8g`` next to the model server and the control plane
-(~0.75 CPU of requests on minikube).
+Resource budget: the reference machine gives the cluster 6 CPU / 12 GiB, and the model server requests
+2 CPU / 4 GiB of it at a rollout's peak (two pods of 1 CPU / 2 GiB during a model swap). The requests
+below total ~0.6 CPU / ~1 GiB, so the stack also schedules on the smaller
+``minikube start --cpus 4 --memory 8g`` next to the model server and the control plane (~0.75 CPU).
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ from infra_constructs.conventions import (
 #: Pinned so that an apply is reproducible; bump deliberately and re-run the tests.
 KUBE_PROMETHEUS_STACK_VERSION = "91.5.0"
 PROMETHEUS_COMMUNITY_REPO = "https://prometheus-community.github.io/helm-charts"
+#: Stack id of the app; also names the state file, cdktf/terraform.<id>.tfstate.
+STACK_ID = "cluster"
 #: Grafana's port on the chart's Service (the container listens on 3000).
 GRAFANA_SERVICE_PORT = 80
 

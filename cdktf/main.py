@@ -5,9 +5,7 @@ Run from this folder with the project installed (``pip install -e '.[infra]'``);
 """
 
 from cdktn import App
-from cluster_stack import ClusterStack
-
-STACK_ID = "cluster"
+from cluster_stack import STACK_ID, ClusterStack
 
 
 def main() -> None:

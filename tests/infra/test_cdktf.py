@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
 
@@ -23,23 +24,26 @@ from cdktn import Testing as CdktnTesting
 
 from infra_constructs import conventions
 
-CDKTF_DIR = Path(__file__).resolve().parents[2] / "cdktf"
-# cdktf/ is an app folder, not a package (a package named cdktf would shadow the library).
-sys.path.insert(0, str(CDKTF_DIR))
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CDKTF_DIR = REPO_ROOT / "cdktf"
+# cdktf/ is an app folder, not a package (a package named cdktf would shadow the library); synth.py
+# is a script at the top.
+sys.path[:0] = [str(CDKTF_DIR), str(REPO_ROOT)]
 
 from cluster_stack import (  # noqa: E402
     KUBE_PROMETHEUS_STACK_VERSION,
     PROMETHEUS_COMMUNITY_REPO,
+    STACK_ID,
     ClusterFoundationProps,
     ClusterStack,
     kube_prometheus_stack_values,
 )
-from main import STACK_ID  # noqa: E402
 
-# The reference budget (seed README): one node, 6 CPU / 12 GiB, of which the model server requests
-# 2 CPU / 4 GiB. The stack must also fit `minikube start --cpus 4 --memory 8g` next to the model
-# server, leaving ~1 CPU / 1 GiB for the control plane and system pods.
-MODEL_SERVER_REQUESTS = (2.0, 4 * 1024)
+import synth  # noqa: E402
+
+# The reference budget (seed README) is one node with 6 CPU / 12 GiB; the stack must also fit the
+# smaller `minikube start --cpus 4 --memory 8g` next to the model server (at its rollout peak),
+# leaving ~1 CPU / 1 GiB (CPU cores, MiB) for the control plane and system pods.
 MINIKUBE_NODE = (4.0, 8 * 1024)
 SYSTEM_HEADROOM = (1.0, 1024)
 
@@ -80,6 +84,18 @@ def cli_outdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return outdir
 
 
+@pytest.fixture(scope="module")
+def k8s_objects() -> list[dict[str, Any]]:
+    """What `python synth.py` writes with its defaults (the cdk8s side of the contract)."""
+    app = synth.build(synth.parse_args([]))
+    return [doc for doc in yaml.safe_load_all(app.synth_yaml()) if doc]
+
+
+def _k8s_object(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    (match,) = (obj for obj in objects if obj["kind"] == kind)
+    return match
+
+
 def _namespace(config: dict[str, Any], name: str) -> dict[str, Any]:
     metadata = [ns["metadata"][0] for ns in config["resource"]["kubernetes_namespace_v1"].values()]
     (match,) = (m for m in metadata if m["name"] == name)
@@ -93,11 +109,17 @@ def test_namespaces_come_from_conventions(config: dict[str, Any]) -> None:
     assert len(config["resource"]["kubernetes_namespace_v1"]) == 2
 
 
-def test_app_namespace_is_the_one_synth_py_deploys_into(config: dict[str, Any]) -> None:
-    # synth.py's constructs default to the same conventions.APP_NAMESPACE: the Terraform side must
-    # create exactly that namespace and report it.
-    assert _namespace(config, conventions.APP_NAMESPACE)
-    assert config["output"]["app_namespace"]["value"] == conventions.APP_NAMESPACE
+def test_app_namespace_is_the_one_synth_py_deploys_into(
+    config: dict[str, Any], k8s_objects: list[dict[str, Any]]
+) -> None:
+    app_namespace = config["output"]["app_namespace"]["value"]
+    assert app_namespace == conventions.APP_NAMESPACE
+    assert _namespace(config, app_namespace)
+    workload = {obj["metadata"]["namespace"] for obj in k8s_objects if obj["kind"] != "ConfigMap"}
+    assert workload == {app_namespace}
+    # Every namespace synth.py writes into is one this stack creates.
+    created = {ns["metadata"][0]["name"] for ns in config["resource"]["kubernetes_namespace_v1"].values()}
+    assert {obj["metadata"]["namespace"] for obj in k8s_objects} <= created
 
 
 def test_helm_release_is_pinned_and_ci_friendly(synthesized: str, release: dict[str, Any]) -> None:
@@ -134,23 +156,31 @@ def _effective_selector(spec: dict[str, Any], kind: str, release: str) -> dict[s
     return {}  # selects every object
 
 
-@pytest.mark.parametrize("kind", ["serviceMonitor", "rule"])
+@pytest.mark.parametrize(
+    ("kind", "selector_kind"), [("ServiceMonitor", "serviceMonitor"), ("PrometheusRule", "rule")]
+)
 @pytest.mark.parametrize("install", ["ours", "stock chart values"])
 def test_our_monitoring_labels_satisfy_the_release_selector(
-    values: dict[str, Any], kind: str, install: str
+    values: dict[str, Any], k8s_objects: list[dict[str, Any]], kind: str, selector_kind: str, install: str
 ) -> None:
     spec = values["prometheus"]["prometheusSpec"] if install == "ours" else {}
-    selector = _effective_selector(spec, kind, conventions.PROMETHEUS_STACK_RELEASE)
+    selector = _effective_selector(spec, selector_kind, conventions.PROMETHEUS_STACK_RELEASE)
     assert selector.items() <= conventions.PROMETHEUS_SELECTOR_LABELS.items()
+    assert selector.items() <= _k8s_object(k8s_objects, kind)["metadata"]["labels"].items()
     # No namespace selector: our objects live in the app namespace, not in the monitoring one.
-    assert f"{kind}NamespaceSelector" not in spec
+    assert f"{selector_kind}NamespaceSelector" not in spec
 
 
-def test_grafana_sidecar_discovers_our_dashboards_everywhere(values: dict[str, Any]) -> None:
+def test_grafana_sidecar_discovers_our_dashboards_everywhere(
+    values: dict[str, Any], k8s_objects: list[dict[str, Any]]
+) -> None:
     dashboards = values["grafana"]["sidecar"]["dashboards"]
     label, label_value = conventions.GRAFANA_DASHBOARD_LABEL
     assert dashboards["enabled"] is True
     assert (dashboards["label"], dashboards["labelValue"]) == (label, label_value)
+    config_map = _k8s_object(k8s_objects, "ConfigMap")["metadata"]
+    assert config_map["labels"][label] == label_value
+    assert conventions.GRAFANA_FOLDER_ANNOTATION in config_map["annotations"]
     assert dashboards["searchNamespace"] == "ALL"
     assert dashboards["folderAnnotation"] == conventions.GRAFANA_FOLDER_ANNOTATION
     assert dashboards["provider"]["foldersFromFilesStructure"] is True
@@ -176,14 +206,20 @@ def _requests(node: Any, path: tuple[str, ...] = ()) -> Iterator[dict[str, str]]
             yield from _requests(child, (*path, key))
 
 
-def test_requests_fit_the_single_node_budget(values: dict[str, Any]) -> None:
+def test_requests_fit_the_single_node_budget(
+    values: dict[str, Any], k8s_objects: list[dict[str, Any]]
+) -> None:
     requests = list(_requests(values))
     # prometheus, alertmanager, operator, kube-state-metrics, node-exporter, grafana + 2 sidecars
     assert len(requests) == 8
     cpu = sum(_quantity(r["cpu"]) for r in requests)
     memory = sum(_quantity(r["memory"]) for r in requests)
-    free_cpu = MINIKUBE_NODE[0] - MODEL_SERVER_REQUESTS[0] - SYSTEM_HEADROOM[0]
-    free_memory = MINIKUBE_NODE[1] - MODEL_SERVER_REQUESTS[1] - SYSTEM_HEADROOM[1]
+    # The model server at its peak: a model swap rolls out maxSurge extra pods next to the old ones.
+    deployment = _k8s_object(k8s_objects, "Deployment")["spec"]
+    pods = deployment["replicas"] + deployment["strategy"]["rollingUpdate"]["maxSurge"]
+    server = [c["resources"]["requests"] for c in deployment["template"]["spec"]["containers"]] * pods
+    free_cpu = MINIKUBE_NODE[0] - SYSTEM_HEADROOM[0] - sum(_quantity(r["cpu"]) for r in server)
+    free_memory = MINIKUBE_NODE[1] - SYSTEM_HEADROOM[1] - sum(_quantity(r["memory"]) for r in server)
     assert cpu <= free_cpu, f"{cpu} CPU requested, {free_cpu} left"
     assert memory <= free_memory, f"{memory} MiB requested, {free_memory} left"
 
