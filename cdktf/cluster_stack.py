@@ -32,7 +32,7 @@ from infra_constructs.conventions import (
     PROMETHEUS_STACK_RELEASE,
 )
 
-#: Newest kube-prometheus-stack release seen at the time of writing (2026-09, operator 0.9x line).
+#: Newest kube-prometheus-stack release found at the time of writing (published 2026-09-13).
 #: Pinned so that an apply is reproducible; bump deliberately and re-run the tests.
 KUBE_PROMETHEUS_STACK_VERSION = "91.5.0"
 PROMETHEUS_COMMUNITY_REPO = "https://prometheus-community.github.io/helm-charts"
