@@ -280,15 +280,15 @@ def _process() -> list[Builder]:
             width=6,
         ),
         time_series(
-            "GC objects collected by generation",
-            "Objects the Python garbage collector freed per second, per GC generation.",
+            "GC time by generation",
+            "Share of wall-clock time spent in Python garbage collection, per GC generation.",
             [
                 Query(
-                    rate(m.GC_OBJECTS_COLLECTED_TOTAL, S, window=W, group=("generation",)),
+                    rate(f"{m.GC_DURATION_SECONDS}_sum", S, window=W, group=("generation",)),
                     "gen {{generation}}",
                 )
             ],
-            unit="short",
+            unit="percentunit",
             width=6,
         ),
     ]
