@@ -35,6 +35,29 @@ class ApiError(Exception):
         self.details = details
 
 
+#: Seconds a client is told to wait before retrying on another replica or later.
+DRAIN_RETRY_AFTER_S = 5
+MODEL_RETRY_AFTER_S = 2
+
+
+def shutting_down() -> ApiError:
+    return ApiError(
+        503,
+        "the server is shutting down; retry on another replica",
+        type="shutting_down",
+        headers={"Retry-After": str(DRAIN_RETRY_AFTER_S)},
+    )
+
+
+def model_not_ready() -> ApiError:
+    return ApiError(
+        503,
+        "no model is serving yet; see GET /status",
+        type="model_not_ready",
+        headers={"Retry-After": str(MODEL_RETRY_AFTER_S)},
+    )
+
+
 def error_response(err: ApiError) -> web.Response:
     body: dict[str, Any] = {"type": err.type, "message": err.message}
     if err.details is not None:

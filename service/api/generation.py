@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from service.api import keys
-from service.api.errors import ApiError
+from service.api.errors import ApiError, model_not_ready, shutting_down
 from service.api.protocol import ChatMessage, OpenAIChatMessage, SamplingFields, Usage
 from service.engine import GenerationStream
 from service.engine.types import (
@@ -48,12 +48,7 @@ def admit(
     handle = app[keys.MANAGER].active
     if handle is None:
         app[keys.METRICS].requests_rejected.labels("no_model").inc()
-        raise ApiError(
-            503,
-            "no model is serving yet; see GET /status",
-            type="model_not_ready",
-            headers={"Retry-After": "2"},
-        )
+        raise model_not_ready()
     if len(messages) > settings.max_messages:
         raise ApiError(422, f"at most {settings.max_messages} messages per request", type="invalid_request")
     max_tokens = max_tokens or settings.default_max_tokens
@@ -91,12 +86,7 @@ def admit(
             headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))},
         ) from exc
     except EngineStoppedError as exc:
-        raise ApiError(
-            503,
-            "the server is shutting down; retry on another replica",
-            type="shutting_down",
-            headers={"Retry-After": "5"},
-        ) from exc
+        raise shutting_down() from exc
     request["request_id"] = stream.request_id
     return Admitted(handle, stream, len(prompt_ids))
 

@@ -6,7 +6,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api import keys, paths
-from service.api.errors import ApiError
+from service.api.errors import model_not_ready, shutting_down
 
 routes = web.RouteTableDef()
 
@@ -21,9 +21,9 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: 200 only while a model serves and the server is not draining."""
     if request.app[keys.GATE].closed:
-        raise ApiError(503, "the server is shutting down", type="shutting_down")
+        raise shutting_down()
     if request.app[keys.MANAGER].active is None:
-        raise ApiError(503, "no model is serving yet; see GET /status", type="model_not_ready")
+        raise model_not_ready()
     return web.json_response({"status": "ready"})
 
 

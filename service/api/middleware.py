@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from service.api import paths
-from service.api.errors import ApiError
+from service.api.errors import ApiError, shutting_down
 from service.metrics import ServingMetrics
 
 log = logging.getLogger("service.access")
@@ -19,8 +19,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 #: Paths that keep answering while draining: probes must report the truth, scrapes must not gap.
 _ALWAYS_OPEN = frozenset({paths.HEALTHZ, paths.READYZ, paths.METRICS})
-#: Seconds a client is told to wait before retrying on another replica or later.
-DRAIN_RETRY_AFTER_S = 5
 
 
 class ShutdownGate:
@@ -63,12 +61,7 @@ def shutdown_gate(gate: ShutdownGate) -> Callable[[web.Request, Handler], Awaita
         if request.path in _ALWAYS_OPEN:
             return await handler(request)
         if gate.closed:
-            raise ApiError(
-                503,
-                "the server is shutting down; retry on another replica",
-                type="shutting_down",
-                headers={"Retry-After": str(DRAIN_RETRY_AFTER_S)},
-            )
+            raise shutting_down()
         gate.enter()
         try:
             return await handler(request)

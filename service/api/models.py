@@ -7,7 +7,7 @@ import hmac
 from aiohttp import web
 
 from service.api import keys, paths
-from service.api.errors import ApiError, parse_body
+from service.api.errors import ApiError, model_not_ready, parse_body
 from service.api.protocol import DeployRequest
 from service.lifecycle.manager import DeploymentConflictError, model_info_dict
 from service.lifecycle.sources import SourceError
@@ -36,12 +36,7 @@ def require_admin(request: web.Request) -> None:
 async def get_model(request: web.Request) -> web.Response:
     active = request.app[keys.MANAGER].active
     if active is None:
-        raise ApiError(
-            503,
-            "no model is serving yet; see GET /status",
-            type="model_not_ready",
-            headers={"Retry-After": "2"},
-        )
+        raise model_not_ready()
     return web.json_response(model_info_dict(active))
 
 
