@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import shutil
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.api import keys
 from service.app import create_app
 from service.metrics import DEPLOYMENTS_TOTAL, HTTP_REQUESTS_TOTAL, MODEL_INFO
 from service.settings import Settings
@@ -306,3 +309,36 @@ async def test_openapi_document_lists_every_route(client: TestClient) -> None:
         and route.resource.canonical != "/openapi.json"
     }
     assert documented == served
+
+
+async def test_swapped_out_model_is_freed(client: TestClient, tiny_model_b: Path) -> None:
+    manager = client.app[keys.MANAGER]
+    old = weakref.ref(manager.active)
+    await client.post("/completion", json=CHAT)  # the engine has used (and must then forget) the old handle
+    status, body = await deploy(client, "tiny-b")
+    assert status == 202
+    assert (await wait_for_phase(client, body["id"]))["deployment"]["phase"] == "ready"
+    gc.collect()
+    assert old() is None, gc.get_referrers(old())
+
+
+async def test_cors_is_off_unless_configured(client: TestClient) -> None:
+    response = await client.get("/model", headers={"Origin": "https://app.example"})
+    assert "Access-Control-Allow-Origin" not in response.headers
+
+
+async def test_cors_for_configured_origins(aiohttp_client: Any, tmp_path: Path, tiny_model_a: Path) -> None:
+    client = await start(aiohttp_client, tmp_path, tiny_model_a, cors_origins=["https://app.example"])
+    preflight = await client.options(
+        "/completion",
+        headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert (
+        preflight.status == 204 and preflight.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    )
+    streamed = await client.post(
+        "/completion", json={**CHAT, "stream": True}, headers={"Origin": "https://app.example"}
+    )
+    assert streamed.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    other = await client.get("/model", headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in other.headers

@@ -119,3 +119,25 @@ def test_bundled_model_answers_coherently(tmp_path: Path) -> None:
         assert "Paris" in body["message"]["content"], body
         assert body["model"] == BUNDLED_MODEL_ALIAS
         assert httpx.get(f"{server.base_url}/model").json()["source"] == "bundled"
+
+
+def test_admin_token_is_never_logged(tmp_path: Path, tiny_model_a: Path, tiny_model_b: Path) -> None:
+    token = "never-log-me-0123456789"
+    args = ("--model-root", str(tiny_model_b.parent))
+    with running_server(
+        tmp_path, model=str(tiny_model_a), args=args, env={"SERVING_ADMIN_TOKEN": token}
+    ) as server:
+        headers = {"Authorization": f"Bearer {token}"}
+        response = httpx.post(f"{server.base_url}/model", json={"model_id": "tiny-b"}, headers=headers)
+        assert response.status_code == 202
+        wait_deployed(server.base_url, response.json()["id"])
+        assert (
+            httpx.post(
+                f"{server.base_url}/model",
+                json={"model_id": "tiny-a"},
+                headers={"Authorization": f"Bearer {token}x"},
+            ).status_code
+            == 403
+        )
+        logs = server.logs()
+    assert '"msg": "starting"' in logs and token not in logs
