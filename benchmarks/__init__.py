@@ -1,0 +1,1 @@
+"""Reproducible benchmarks (``make bench``): the serving table, engine-vs-CBM, deploy latency."""

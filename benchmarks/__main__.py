@@ -1,0 +1,120 @@
+"""``make bench``: the serving benchmark of issue 3, every system in one run on this machine.
+
+In-process ``model.generate`` at batch 1 and 8 (the roofline), our server at each concurrency
+(streaming, NEW_TOKENS greedy tokens, fixed prompt), and ``transformers serve`` with and without
+``--continuous-batching`` when ``transformers[serving]`` is installed. Prints the table and the
+targets as ratios, and writes benchmarks/results/serving.{md,json,png}; then the deploy latency
+figure (benchmarks/deploy_latency.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import platform
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+from benchmarks import deploy_latency, inprocess, report, servers
+from benchmarks.common import NEW_TOKENS, RESULTS_DIR, Row, bundled_model_dir, num_threads, percentile
+from benchmarks.load import run_load
+
+
+def measure(
+    system: str, base_url: str, model: str | None, sampler: servers.RssSampler, c: int, rounds: int
+) -> Row:
+    samples, wall = asyncio.run(run_load(base_url, model, c, rounds))
+    ok = [s for s in samples if s.error is None]
+    row = Row(
+        system=system,
+        concurrency=c,
+        tok_s=sum(s.completion_tokens for s in ok) / wall,
+        ttft_p50_s=percentile([s.ttft_s for s in ok], 50),
+        ttft_p95_s=percentile([s.ttft_s for s in ok], 95),
+        e2e_p95_s=percentile([s.e2e_s for s in ok], 95),
+        errors=len(samples) - len(ok),
+        peak_rss_mb=sampler.peak_bytes / 2**20,
+        requests=len(samples),
+    )
+    print(
+        f"  {system} c={c}: {row.tok_s:.1f} tok/s, TTFT p95 {row.ttft_p95_s:.3f}s, errors {row.errors}",
+        flush=True,
+    )
+    return row
+
+
+def rounds_for(c: int, requests: int) -> int:
+    """Requests per client so that each level sends about ``requests`` in all (at least one each)."""
+    return max(1, requests // c)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16])
+    parser.add_argument("--requests", type=int, default=16, help="requests per level (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=num_threads(), help="torch threads (default: cores)")
+    parser.add_argument("--skip-peer", action="store_true", help="leave out transformers serve")
+    parser.add_argument("--skip-deploy", action="store_true", help="leave out the deploy latency figure")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+
+    model_dir = bundled_model_dir()
+    rows: list[Row] = []
+    notes: list[str] = []
+
+    print("in-process generate (roofline)", flush=True)
+    model, tokenizer, prompt = inprocess.load(model_dir, args.threads)
+    prefill_s = inprocess.prefill_seconds(model, prompt)
+    for batch in (1, 8):
+        rows.append(inprocess.generate_row(model, prompt, batch))
+        print(f"  generate b={batch}: {rows[-1].tok_s:.1f} tok/s", flush=True)
+    del model, tokenizer
+    gc.collect()
+
+    print("our server", flush=True)
+    with tempfile.TemporaryDirectory() as state_dir:
+        port = servers.free_port()
+        argv_ours = servers.our_server_argv(
+            port, Path(state_dir), "bundled:smollm2-135m-instruct", args.threads
+        )
+        with servers.server("ours", argv_ours, servers.our_server_ready, port) as (url, sampler):
+            for c in args.concurrency:
+                rows.append(measure(report.OURS, url, None, sampler, c, rounds_for(c, args.requests)))
+
+    for cb, system in ((False, report.PEER), (True, report.PEER_CB)):
+        port = servers.free_port()
+        argv_peer = None if args.skip_peer else servers.transformers_serve_argv(port, model_dir, cb)
+        if argv_peer is None:
+            notes.append(f"{system}: not measured (skipped, or transformers[serving] is not installed)")
+            continue
+        print(system, flush=True)
+        with servers.server(system, argv_peer, servers.transformers_serve_ready, port) as (url, sampler):
+            for c in args.concurrency:
+                rows.append(measure(system, url, str(model_dir), sampler, c, rounds_for(c, args.requests)))
+
+    notes.append(
+        f"SmolLM2-135M-Instruct bf16 on CPU, {args.threads} torch threads, {NEW_TOKENS} new tokens, "
+        f"temperature 0, streaming; in-process prefill of the {len(prompt)}-token prompt: {prefill_s:.3f}s; "
+        "in-process TTFT columns show the prefill time; peak RSS is the whole server process tree."
+    )
+    meta = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, threads={args.threads}",
+        "prefill_s": prefill_s,
+        "prompt_tokens": len(prompt),
+        "new_tokens": NEW_TOKENS,
+    }
+    goals = report.targets(rows, prefill_s)
+    print()
+    print(report.write(rows, goals, notes, meta, args.out))
+    if not args.skip_deploy:
+        print("deploy latency (POST /model to phase ready)", flush=True)
+        deploy_latency.main(["--threads", str(args.threads), "--out", str(args.out)])
+
+
+if __name__ == "__main__":
+    main()
