@@ -78,6 +78,17 @@ def handle_b(tiny_model_b: Path) -> ModelHandle:
     return load_handle(tiny_model_b, "tiny-b", seed=2)
 
 
+@pytest.fixture(scope="module")
+def endless(handle_a: ModelHandle) -> ModelHandle:
+    """Model A that never ends a request by itself: an unbounded context and an end-of-sequence id
+    that never comes, so only cancellation, a timeout or a shutdown can end its requests."""
+    return dataclasses.replace(
+        handle_a,
+        info=dataclasses.replace(handle_a.info, context_length=10**9),
+        eos_token_ids=frozenset({-1}),
+    )
+
+
 @pytest.fixture
 def metrics() -> ServingMetrics:
     return ServingMetrics.create(default_collectors=False)
@@ -204,15 +215,15 @@ async def test_stream_delivers_ordered_deltas_then_the_result(
     assert sample_value(metrics, TIME_TO_FIRST_TOKEN_SECONDS + "_count") == 1
 
 
-async def test_full_queue_is_refused_at_once(handle_a: ModelHandle, metrics: ServingMetrics) -> None:
+async def test_full_queue_is_refused_at_once(endless: ModelHandle, metrics: ServingMetrics) -> None:
     engine = Engine(max_running=1, max_queued=1, metrics=metrics)
     await engine.start()
     try:
-        prompt = ids(handle_a, PROMPTS[0])
-        long = SamplingParams(max_tokens=500, temperature=0.0)
-        streams = [engine.submit(handle_a, prompt, long) for _ in range(2)]
+        prompt = ids(endless, PROMPTS[0])
+        long = SamplingParams(max_tokens=10**9, temperature=0.0)
+        streams = [engine.submit(endless, prompt, long) for _ in range(2)]
         with pytest.raises(QueueFullError) as refused:
-            engine.submit(handle_a, prompt, long)
+            engine.submit(endless, prompt, long)
         assert refused.value.retry_after_s >= 1
         assert sample_value(metrics, REQUESTS_REJECTED_TOTAL, reason="queue_full") == 1
         for stream in streams:
@@ -222,23 +233,23 @@ async def test_full_queue_is_refused_at_once(handle_a: ModelHandle, metrics: Ser
         await engine.stop()
 
 
-async def test_cancelling_frees_the_slot(handle_a: ModelHandle, metrics: ServingMetrics) -> None:
+async def test_cancelling_frees_the_slot(
+    handle_a: ModelHandle, endless: ModelHandle, metrics: ServingMetrics
+) -> None:
     engine = Engine(max_running=1, max_queued=0, metrics=metrics)
     await engine.start()
     try:
         prompt = ids(handle_a, PROMPTS[0])
-        stream = engine.submit(handle_a, prompt, SamplingParams(max_tokens=1000, temperature=0.0))
+        endless_params = SamplingParams(max_tokens=10**9, temperature=0.0)
+        stream = engine.submit(endless, prompt, endless_params)
         await anext(aiter(stream))
         with pytest.raises(QueueFullError):
             engine.submit(handle_a, prompt, GREEDY)
         stream.cancel()
-        result = await stream.collect()
-        assert result.finish_reason == FinishReason.CANCELLED
-        assert result.usage.completion_tokens < 1000
+        assert (await stream.collect()).finish_reason == FinishReason.CANCELLED
 
         # A handler task torn down mid-stream (client disconnect) cancels its request the same way.
-        long = SamplingParams(max_tokens=1000)
-        consumer = asyncio.create_task(consume(engine.submit(handle_a, prompt, long)))
+        consumer = asyncio.create_task(consume(engine.submit(endless, prompt, endless_params)))
         await asyncio.sleep(0.05)
         consumer.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -259,14 +270,11 @@ async def test_cancelling_frees_the_slot(handle_a: ModelHandle, metrics: Serving
         await engine.stop()
 
 
-async def test_request_timeout(tiny_model_a: Path, metrics: ServingMetrics) -> None:
-    # An unbounded context so that only the timeout can end the request.
-    handle = load_handle(tiny_model_a, "tiny-a", seed=1)
-    handle = dataclasses.replace(handle, info=dataclasses.replace(handle.info, context_length=10**9))
+async def test_request_timeout(endless: ModelHandle, metrics: ServingMetrics) -> None:
     engine = Engine(request_timeout_s=0.5, metrics=metrics)
     await engine.start()
     try:
-        run = await consume(engine.submit(handle, ids(handle, "hi"), SamplingParams(max_tokens=10**9)))
+        run = await consume(engine.submit(endless, ids(endless, "hi"), SamplingParams(max_tokens=10**9)))
         assert run.result.finish_reason == FinishReason.TIMEOUT
         assert run.result.error
         assert sample_value(metrics, REQUESTS_CANCELLED_TOTAL, reason="timeout") == 1
@@ -306,6 +314,9 @@ async def test_a_failing_request_ends_in_error_and_the_engine_keeps_serving(
     failed = await run_alone(engine, handle_a, [1, vocab + 10], GREEDY)  # out-of-range embedding index
     assert failed.result.finish_reason == FinishReason.ERROR
     assert failed.result.error
+    unusable = dataclasses.replace(handle_a, model=None)  # e.g. a handle whose model was torn down
+    broken = await run_alone(engine, unusable, ids(handle_a, PROMPTS[0]), GREEDY)
+    assert broken.result.finish_reason == FinishReason.ERROR
     ok = await run_alone(engine, handle_a, ids(handle_a, PROMPTS[0]), GREEDY)
     assert ok.result.finish_reason in (FinishReason.LENGTH, FinishReason.STOP)
 
@@ -327,12 +338,12 @@ async def test_drain_finishes_in_flight_requests_and_refuses_new_ones(
     await engine.stop()
 
 
-async def test_stop_cancels_what_is_left(handle_a: ModelHandle) -> None:
+async def test_stop_cancels_what_is_left(endless: ModelHandle) -> None:
     engine = Engine(max_running=1)
     await engine.start()
-    prompt = ids(handle_a, PROMPTS[0])
-    running = engine.submit(handle_a, prompt, SamplingParams(max_tokens=1000))
-    waiting = engine.submit(handle_a, prompt, SamplingParams(max_tokens=1000))
+    prompt = ids(endless, PROMPTS[0])
+    running = engine.submit(endless, prompt, SamplingParams(max_tokens=10**9))
+    waiting = engine.submit(endless, prompt, SamplingParams(max_tokens=10**9))
     await anext(aiter(running))
     await engine.stop()
     assert (await running.collect()).finish_reason == FinishReason.CANCELLED

@@ -175,9 +175,10 @@ class Engine:
                 self._check_abandoned(seq, now)
             self._retire(batch)
         for handle, seqs in self._admit(now).items():
-            batch = self._batches.get(handle) or HandleBatch(handle)
-            self._batches[handle] = batch
-            self._prefill(batch, seqs)
+            batch = self._batches.get(handle) or self._new_batch(handle, seqs)
+            if batch is not None:
+                self._batches[handle] = batch
+                self._prefill(batch, seqs)
         for batch in self._batches.values():
             if batch.seqs:
                 self._decode(batch)
@@ -201,6 +202,18 @@ class Engine:
             self._finish(seq, admitted=False)
         self._flush()
         return admitted
+
+    def _new_batch(self, handle: ModelHandle, seqs: list[Sequence]) -> HandleBatch | None:
+        """A batch for a handle not running yet; None (and ``seqs`` ended) if the handle is unusable."""
+        try:
+            return HandleBatch(handle)
+        except Exception as exc:
+            log.exception("cannot generate with this model handle")
+            for seq in seqs:
+                seq.finish(FinishReason.ERROR, f"generation failed: {exc}")
+                self._finish(seq, admitted=True)
+            self._flush()
+            return None
 
     def _prefill(self, batch: HandleBatch, seqs: list[Sequence]) -> None:
         ready: list[Sequence] = []
