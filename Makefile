@@ -32,6 +32,10 @@ $(VENV)/.dev: $(VENV)/.base
 	$(PIP) install -q -e '.[infra,dev]'
 	touch $@
 
+$(VENV)/.bench: $(VENV)/.dev
+	$(PIP) install -q -e '.[infra,dev,bench]'
+	touch $@
+
 # Prometheus + promtool back the monitoring tests (Debian package; CI runs as root).
 $(VENV)/.system:
 	command -v promtool >/dev/null || { apt-get update -qq && \
@@ -50,7 +54,7 @@ test-fast: $(VENV)/.dev $(VENV)/.system  ## Tests without the bundled model.
 bundled-model: $(VENV)/.base  ## Convert the bundled model once into the cache (the image build runs this).
 	$(PY) -m service.lifecycle.bundled
 
-bench: $(VENV)/.dev  ## Run the benchmarks and write benchmarks/results/.
+bench: $(VENV)/.bench  ## Run the benchmarks (~7 min) and write benchmarks/results/.
 	$(PY) -m benchmarks
 
 synth: $(VENV)/.dev  ## Write the Kubernetes manifests to dist/.

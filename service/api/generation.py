@@ -60,6 +60,8 @@ def admit(
         raise ApiError(
             422, f"the model's chat template rejected the messages: {exc}", type="invalid_request"
         ) from exc
+    if not prompt_ids:
+        raise ApiError(422, "the messages rendered to an empty prompt", type="invalid_request")
     limit = settings.max_prompt_tokens
     if handle.info.context_length:
         limit = min(limit, handle.info.context_length - 1)
