@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from service.handle import ModelHandle
 from service.lifecycle import loader, sources
+from service.lifecycle.bundled import BundledModelMissingError
 from service.lifecycle.deployment import Deployment, Phase
 from service.lifecycle.sources import ModelSource, SourceError, SourceKind
 from service.lifecycle.state import ServedModelRecord, StateStore
@@ -179,7 +180,7 @@ class ModelManager:
             SourceError,
             loader.LoadError,
             DeploymentInterruptedError,
-            sources.bundled.BundledModelMissingError,
+            BundledModelMissingError,
         ) as exc:
             self._fail(deployment, str(exc))
         except Exception as exc:  # any other loader failure must not kill the server
@@ -205,9 +206,7 @@ class ModelManager:
 
         self._enter(deployment, Phase.DOWNLOADING if source.kind is SourceKind.HUB else Phase.RESOLVING)
         model_dir: Path = await _in_daemon_thread(
-            lambda: sources.fetch(
-                source, cache_dir=s.cache_dir, model_root=s.model_root, on_progress=on_progress
-            )
+            lambda: sources.fetch(source, cache_dir=s.cache_dir, on_progress=on_progress)
         )
         device = await _in_daemon_thread(loader.resolve_device, s.device)
         dtype = loader.resolve_dtype(s.dtype, device)
@@ -227,7 +226,8 @@ class ModelManager:
             raise DeploymentInterruptedError("interrupted: the server is shutting down")
 
     def _swap(self, deployment: Deployment, handle: ModelHandle) -> None:
-        previous, self._active = self._active, handle
+        replaced = self._active is not None
+        self._active = handle
         self._enter(deployment, Phase.READY)
         info = handle.info
         m = self._metrics
@@ -237,9 +237,8 @@ class ModelManager:
         m.deployments.labels("succeeded").inc()
         m.model_load_duration.observe(deployment.phase_seconds["total"])
         self._store.save(ServedModelRecord(info.model_id, info.revision))
-        if previous is not None:
-            # In-flight requests still hold the old handle; it is freed when the last one finishes.
-            del previous
+        if replaced:
+            # Frees the old model now unless in-flight requests still hold it (then with the last one).
             gc.collect()
 
     def _fail(self, deployment: Deployment, reason: str) -> None:

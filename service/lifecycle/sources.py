@@ -96,9 +96,7 @@ def check_hub_exists(source: ModelSource) -> None:
         ) from exc
 
 
-def fetch(
-    source: ModelSource, *, cache_dir: Path, model_root: Path | None, on_progress: ProgressCallback
-) -> Path:
+def fetch(source: ModelSource, *, cache_dir: Path, on_progress: ProgressCallback) -> Path:
     """A local folder holding the model's files (downloads from the hub with progress when needed)."""
     if source.kind is SourceKind.BUNDLED:
         return bundled.ensure_converted(cache_dir)
