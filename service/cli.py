@@ -13,6 +13,7 @@ import logging
 import signal
 from typing import Any
 
+import prometheus_client
 from aiohttp import web
 from pydantic import ValidationError
 
@@ -90,5 +91,7 @@ async def serve(settings: Settings) -> None:
 def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(argv)
     logs.configure(settings.log_level)
+    # The *_created series double every counter and histogram and no dashboard reads them.
+    prometheus_client.disable_created_metrics()
     log.info("starting", extra={"settings": json.loads(settings.model_dump_json(exclude={"admin_token"}))})
     asyncio.run(serve(settings))

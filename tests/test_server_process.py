@@ -103,6 +103,9 @@ def test_hub_id_resolves_from_the_offline_cache(tmp_path: Path, tiny_model_a: Pa
         assert model["model_id"] == TINY_HUB_ID and model["source"] == "hub"
         completion = httpx.post(f"{server.base_url}/completion", json=CHAT, timeout=60)
         assert completion.status_code == 200 and completion.json()["model"] == TINY_HUB_ID
+        metrics = httpx.get(f"{server.base_url}/metrics").text
+        assert f'serving_model_info{{device="cpu",dtype="bfloat16",model_id="{TINY_HUB_ID}"' in metrics
+        assert "_created" not in metrics  # the process entry point turns those series off
 
 
 @pytest.mark.slow
