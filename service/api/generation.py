@@ -3,7 +3,6 @@ collecting its result, and writing Server-Sent Events."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 from collections.abc import AsyncIterator
@@ -29,7 +28,6 @@ from service.handle import ModelHandle
 class Admitted:
     handle: ModelHandle
     stream: GenerationStream
-    prompt_tokens: int
 
     @property
     def model_id(self) -> str:
@@ -69,8 +67,6 @@ def admit(
         raise ApiError(
             413, f"the prompt is {len(prompt_ids)} tokens, over the limit of {limit}", type="prompt_too_long"
         )
-    if handle.info.context_length:  # never generate past the model's context window
-        max_tokens = min(max_tokens, handle.info.context_length - len(prompt_ids))
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=sampling.temperature,
@@ -90,7 +86,7 @@ def admit(
     except EngineStoppedError as exc:
         raise shutting_down() from exc
     request["request_id"] = stream.request_id
-    return Admitted(handle, stream, len(prompt_ids))
+    return Admitted(handle, stream)
 
 
 def usage_of(result: GenerationResult) -> Usage:
@@ -101,12 +97,8 @@ def usage_of(result: GenerationResult) -> Usage:
 
 
 async def collect(admitted: Admitted) -> GenerationResult:
-    """The whole result; a client that goes away cancels the generation (its slot frees at the next step)."""
-    try:
-        result = await admitted.stream.collect()
-    except asyncio.CancelledError:
-        admitted.stream.cancel()
-        raise
+    """The whole result (a client that goes away cancels the stream, freeing its slot at the next step)."""
+    result = await admitted.stream.collect()
     if result.finish_reason is FinishReason.ERROR:
         raise ApiError(500, f"generation failed: {result.error}", type="generation_error")
     return result
@@ -125,11 +117,7 @@ async def sse_stream(
         async for event in events:
             data = event if isinstance(event, str) else json.dumps(event, separators=(",", ":"))
             await response.write(f"data: {data}\n\n".encode())
-    except (asyncio.CancelledError, ConnectionResetError):
+    finally:  # a disconnect (cancelled handler, reset write) must not leave the generation running
         admitted.stream.cancel()
-        raise
-    finally:
-        if admitted.stream.result is None:
-            admitted.stream.cancel()
     await response.write_eof()
     return response

@@ -61,35 +61,32 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _chunks(admitted: Admitted, chat_id: str, created: int, include_usage: bool) -> AsyncIterator[Any]:
-    def chunk(delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {
             "id": chat_id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": admitted.model_id,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            "choices": choices,
+            **extra,
         }
 
-    yield chunk({"role": "assistant", "content": ""})
+    def choice(delta: dict[str, str], finish_reason: str | None = None) -> list[dict[str, Any]]:
+        return [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
+
+    yield chunk(choice({"role": "assistant", "content": ""}))
     stream = admitted.stream
     async for delta in stream:
         if delta.text:
-            yield chunk({"content": delta.text})
+            yield chunk(choice({"content": delta.text}))
     result = stream.result
     assert result is not None
     if result.finish_reason is FinishReason.ERROR:
         yield {"error": {"type": "generation_error", "message": result.error}}
     else:
-        yield chunk({}, _finish_reason(result.finish_reason))
+        yield chunk(choice({}, _finish_reason(result.finish_reason)))
     if include_usage:
-        yield {
-            "id": chat_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": admitted.model_id,
-            "choices": [],
-            "usage": usage_of(result).model_dump(),
-        }
+        yield chunk([], usage=usage_of(result).model_dump())
     yield "[DONE]"
 
 
