@@ -109,14 +109,18 @@ class ModelManager:
         if self._settings.torch_threads:
             loader.set_threads(self._settings.torch_threads)
         record = self._store.load()
-        if record is not None:
-            log.info("restoring last deployed model", extra={"model_id": record.model_id})
-            source = sources.classify(record.model_id, record.revision)
-            deployment = Deployment(record.model_id, record.revision, trigger="restore")
-        else:
-            source = sources.classify(self._settings.model, self._settings.revision)
-            deployment = Deployment(self._settings.model, self._settings.revision, trigger="startup")
-        self._begin(deployment, source, fallback=record is not None)
+        if record is None:
+            self._deploy_configured()
+            return
+        log.info("restoring last deployed model", extra={"model_id": record.model_id})
+        source = sources.classify(record.model_id, record.revision)
+        self._begin(Deployment(record.model_id, record.revision, trigger="restore"), source, fallback=True)
+
+    def _deploy_configured(self) -> None:
+        """Deploy ``SERVING_MODEL`` (the operator's choice, so no allowlist or model-root check)."""
+        s = self._settings
+        source = sources.classify(s.model, s.revision)
+        self._begin(Deployment(s.model, s.revision, trigger="startup"), source, fallback=False)
 
     async def deploy(self, model_id: str, revision: str | None = None) -> tuple[Deployment, bool]:
         """Start deploying ``model_id`` from an API request.
@@ -191,12 +195,7 @@ class ModelManager:
             return
         if fallback and self._active is None and not self._stopping:
             # The recorded model no longer loads: fall back to the configured default.
-            source = sources.classify(self._settings.model, self._settings.revision)
-            self._begin(
-                Deployment(self._settings.model, self._settings.revision, trigger="startup"),
-                source,
-                fallback=False,
-            )
+            self._deploy_configured()
 
     async def _prepare(self, deployment: Deployment, source: ModelSource) -> ModelHandle:
         s = self._settings
