@@ -46,6 +46,17 @@ INTER_TOKEN_LATENCY_SECONDS = f"{PREFIX}_inter_token_latency_seconds"
 REQUESTS_FINISHED_TOTAL = f"{PREFIX}_requests_finished_total"
 REQUESTS_REJECTED_TOTAL = f"{PREFIX}_requests_rejected_total"
 REQUESTS_CANCELLED_TOTAL = f"{PREFIX}_requests_cancelled_total"
+# Per-request phases, as vLLM's request_queue_time/prefill_time/decode_time/e2e_request_latency.
+REQUEST_QUEUE_TIME_SECONDS = f"{PREFIX}_request_queue_time_seconds"
+REQUEST_PREFILL_TIME_SECONDS = f"{PREFIX}_request_prefill_time_seconds"
+REQUEST_DECODE_TIME_SECONDS = f"{PREFIX}_request_decode_time_seconds"
+E2E_REQUEST_LATENCY_SECONDS = f"{PREFIX}_e2e_request_latency_seconds"
+REQUEST_PROMPT_TOKENS = f"{PREFIX}_request_prompt_tokens"
+REQUEST_GENERATION_TOKENS = f"{PREFIX}_request_generation_tokens"
+KV_CACHE_TOKENS = f"{PREFIX}_kv_cache_tokens"
+MAX_RUNNING_REQUESTS = f"{PREFIX}_max_running_requests"
+ENGINE_HEALTHY = f"{PREFIX}_engine_healthy"
+ENGINE_STEP_FAILURES_TOTAL = f"{PREFIX}_engine_step_failures_total"
 
 # Names exported by prometheus_client's default collectors (used by the dashboards).
 PROCESS_START_TIME_SECONDS = "process_start_time_seconds"
@@ -61,11 +72,15 @@ DEPLOYMENT_PHASES = ("pending", "resolving", "downloading", "loading", "warming"
 DEPLOYMENT_RESULTS = ("succeeded", "failed")
 REJECT_REASONS = ("queue_full", "shutting_down", "no_model")
 CANCEL_REASONS = ("client_disconnected", "timeout")
+FINISH_REASONS = ("stop", "length", "cancelled", "timeout", "error")
+#: Where in a scheduler iteration a failure was caught (the request(s) it touched end with an error).
+ENGINE_STAGES = ("admit", "prefill", "decode", "sample", "detokenize", "cache")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 _LOAD_BUCKETS = (0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300, 600)
 _BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+_TOKEN_COUNT_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 _GC_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
 
@@ -105,6 +120,16 @@ class ServingMetrics:
     requests_finished: Counter
     requests_rejected: Counter
     requests_cancelled: Counter
+    request_queue_time: Histogram
+    request_prefill_time: Histogram
+    request_decode_time: Histogram
+    e2e_request_latency: Histogram
+    request_prompt_tokens: Histogram
+    request_generation_tokens: Histogram
+    kv_cache_tokens: Gauge
+    max_running_requests: Gauge
+    engine_healthy: Gauge
+    engine_step_failures: Counter
 
     @classmethod
     def create(
@@ -206,12 +231,68 @@ class ServingMetrics:
                 ["reason"],
                 registry=r,
             ),
+            request_queue_time=Histogram(
+                REQUEST_QUEUE_TIME_SECONDS,
+                "Time a request waited for a batch slot, from accepted to admitted.",
+                buckets=_LATENCY_BUCKETS,
+                registry=r,
+            ),
+            request_prefill_time=Histogram(
+                REQUEST_PREFILL_TIME_SECONDS,
+                "Time from a request's admission to its first token (the prompt's forward pass).",
+                buckets=_LATENCY_BUCKETS,
+                registry=r,
+            ),
+            request_decode_time=Histogram(
+                REQUEST_DECODE_TIME_SECONDS,
+                "Time from a request's first token to its last.",
+                buckets=_LATENCY_BUCKETS,
+                registry=r,
+            ),
+            e2e_request_latency=Histogram(
+                E2E_REQUEST_LATENCY_SECONDS,
+                "Time from a request accepted by the engine to its end, by finish reason.",
+                ["finish_reason"],
+                buckets=_LATENCY_BUCKETS,
+                registry=r,
+            ),
+            request_prompt_tokens=Histogram(
+                REQUEST_PROMPT_TOKENS,
+                "Prompt length of finished requests, in tokens.",
+                buckets=_TOKEN_COUNT_BUCKETS,
+                registry=r,
+            ),
+            request_generation_tokens=Histogram(
+                REQUEST_GENERATION_TOKENS,
+                "Completion length of finished requests, in tokens.",
+                buckets=_TOKEN_COUNT_BUCKETS,
+                registry=r,
+            ),
+            kv_cache_tokens=Gauge(
+                KV_CACHE_TOKENS,
+                "Token positions held in the KV cache now (rows x columns, left padding included).",
+                registry=r,
+            ),
+            max_running_requests=Gauge(
+                MAX_RUNNING_REQUESTS, "Batch slots: most sequences generated together.", registry=r
+            ),
+            engine_healthy=Gauge(
+                ENGINE_HEALTHY, "1 while the engine's scheduler thread runs, 0 once it has died.", registry=r
+            ),
+            engine_step_failures=Counter(
+                ENGINE_STEP_FAILURES_TOTAL,
+                "Failures caught inside a scheduler iteration, by stage; each ends only the requests it touched.",
+                ["stage"],
+                registry=r,
+            ),
         )
         # Known label values start at 0, so rate() and alerts see a series before the first event.
         for labelled, values in (
             (metrics.deployments, DEPLOYMENT_RESULTS),
             (metrics.requests_rejected, REJECT_REASONS),
             (metrics.requests_cancelled, CANCEL_REASONS),
+            (metrics.e2e_request_latency, FINISH_REASONS),
+            (metrics.engine_step_failures, ENGINE_STAGES),
         ):
             for value in values:
                 labelled.labels(value)

@@ -43,14 +43,42 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+@dataclass(frozen=True)
+class RequestTimings:
+    """Where one request's time went, in seconds (llama.cpp's ``timings``, vLLM's request metrics).
+
+    ``submitted_at`` is wall-clock (``time.time()``) so spans and logs can place the request;
+    the durations come from ``time.monotonic()``. ``prefill_s`` runs from admission to the first
+    token, ``decode_s`` from the first token to the last; a request that never got a token has
+    ``ttft_s`` None and zero ``prefill_s``/``decode_s`` past its queue time.
+    """
+
+    submitted_at: float
+    queue_s: float
+    prefill_s: float
+    ttft_s: float | None
+    decode_s: float
+    total_s: float
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Tokens after the first, over the decode time (None with fewer than two tokens)."""
+        if self.completion_tokens < 2 or self.decode_s <= 0:
+            return None
+        return (self.completion_tokens - 1) / self.decode_s
+
+
 @dataclass
 class GenerationResult:
-    """How a request ended: the whole text, why it stopped, and its token counts."""
+    """How a request ended: the whole text, why it stopped, its token counts and timings."""
 
     text: str
     finish_reason: FinishReason
     usage: Usage = field(default_factory=Usage)
     error: str | None = None
+    timings: RequestTimings | None = None
 
 
 class EngineError(Exception):
