@@ -58,6 +58,13 @@ MAX_RUNNING_REQUESTS = f"{PREFIX}_max_running_requests"
 ENGINE_HEALTHY = f"{PREFIX}_engine_healthy"
 ENGINE_STEP_FAILURES_TOTAL = f"{PREFIX}_engine_step_failures_total"
 
+# Fleet (cluster mode): the desired model in the Kubernetes API and this replica's convergence on it.
+FLEET_DESIRED_MODEL_INFO = f"{PREFIX}_fleet_desired_model_info"
+FLEET_REPLICA_CONVERGED = f"{PREFIX}_fleet_replica_converged"
+FLEET_ROLLOUTS_TOTAL = f"{PREFIX}_fleet_rollouts_total"
+FLEET_ROLLOUT_DURATION_SECONDS = f"{PREFIX}_fleet_rollout_duration_seconds"
+KUBE_API_CONNECTED = f"{PREFIX}_kube_api_connected"
+
 # Names exported by prometheus_client's default collectors (used by the dashboards).
 PROCESS_START_TIME_SECONDS = "process_start_time_seconds"
 PROCESS_RESIDENT_MEMORY_BYTES = "process_resident_memory_bytes"
@@ -72,6 +79,8 @@ DEPLOYMENT_PHASES = ("pending", "resolving", "downloading", "loading", "warming"
 DEPLOYMENT_RESULTS = ("succeeded", "failed")
 REJECT_REASONS = ("queue_full", "shutting_down", "no_model")
 CANCEL_REASONS = ("client_disconnected", "timeout")
+#: How a fleet rollout ended, as this replica saw it converge (or roll back).
+ROLLOUT_OUTCOMES = ("ready", "rolled_back")
 FINISH_REASONS = ("stop", "length", "cancelled", "timeout", "error")
 #: Where in a scheduler iteration a failure was caught (the request(s) it touched end with an error).
 ENGINE_STAGES = ("admit", "prefill", "decode", "sample", "detokenize", "cache")
@@ -130,6 +139,11 @@ class ServingMetrics:
     max_running_requests: Gauge
     engine_healthy: Gauge
     engine_step_failures: Counter
+    fleet_desired_model_info: Gauge
+    fleet_replica_converged: Gauge
+    fleet_rollouts: Counter
+    fleet_rollout_duration: Histogram
+    kube_api_connected: Gauge
 
     @classmethod
     def create(
@@ -281,8 +295,37 @@ class ServingMetrics:
             ),
             engine_step_failures=Counter(
                 ENGINE_STEP_FAILURES_TOTAL,
-                "Failures caught inside a scheduler iteration, by stage; each ends only the requests it touched.",
+                "Failures caught in a scheduler iteration, by stage; each ends only the requests it touched.",
                 ["stage"],
+                registry=r,
+            ),
+            fleet_desired_model_info=Gauge(
+                FLEET_DESIRED_MODEL_INFO,
+                "Cluster mode: the model the fleet should serve (value 1), as this replica reads it from "
+                "the desired-state ConfigMap.",
+                ["model_id", "revision", "rollout_id"],
+                registry=r,
+            ),
+            fleet_replica_converged=Gauge(
+                FLEET_REPLICA_CONVERGED,
+                "Cluster mode: 1 while this replica serves the desired model, else 0.",
+                registry=r,
+            ),
+            fleet_rollouts=Counter(
+                FLEET_ROLLOUTS_TOTAL,
+                "Cluster mode: fleet rollouts this replica took part in, by outcome (ready, rolled_back).",
+                ["outcome"],
+                registry=r,
+            ),
+            fleet_rollout_duration=Histogram(
+                FLEET_ROLLOUT_DURATION_SECONDS,
+                "Cluster mode: time from a new desired model seen to this replica serving it.",
+                buckets=_LOAD_BUCKETS,
+                registry=r,
+            ),
+            kube_api_connected=Gauge(
+                KUBE_API_CONNECTED,
+                "Cluster mode: 1 while this replica's watch of the Kubernetes API is established, else 0.",
                 registry=r,
             ),
         )
@@ -293,6 +336,7 @@ class ServingMetrics:
             (metrics.requests_cancelled, CANCEL_REASONS),
             (metrics.e2e_request_latency, FINISH_REASONS),
             (metrics.engine_step_failures, ENGINE_STAGES),
+            (metrics.fleet_rollouts, ROLLOUT_OUTCOMES),
         ):
             for value in values:
                 labelled.labels(value)
