@@ -160,12 +160,13 @@ class ModelServer(Construct):
 
     Secure by default: non-root (uid ``IMAGE_UID``), read-only root filesystem, no privilege escalation,
     every capability dropped, ``RuntimeDefault`` seccomp, no service-account token outside cluster mode.
-    A rolling update with ``maxUnavailable: 0`` gated by ``/readyz`` makes changing ``model_id`` and
-    re-applying a zero-downtime rollout.
+    A rolling update with ``maxUnavailable: 0`` gated by ``/readyz`` makes every change of the pods a
+    zero-downtime rollout.
 
     Cluster mode (the default) makes the replicas one fleet: a ConfigMap ``<name>-desired-model`` holds
-    the model every replica converges on (``POST /model`` on any replica writes it; so does
-    ``kubectl apply`` of this construct's output: the last writer wins). The pods then get a projected
+    the model every replica converges on in place (``POST /model`` on any replica writes it; so does
+    ``kubectl apply`` of this construct's output: the last writer wins); the pods carry no model of
+    their own, so changing ``model_id`` restarts none of them. The pods then get a projected
     ServiceAccount token (``TOKEN_EXPIRATION_S``) and a Role allowing only what a replica does: read,
     watch and patch that one ConfigMap, read the pods and patch a pod (its own state annotation).
 
@@ -173,8 +174,8 @@ class ModelServer(Construct):
         scope: parent construct (a ``cdk8s.Chart``; its namespace is the objects' namespace).
         id: construct id; also the default object name.
         name: name of every object and the ``app.kubernetes.io/instance`` label. Default: ``id``.
-        model_id: model served at start-up (hub id ``org/name``, path, or the bundled alias); in
-            cluster mode also the desired model the ConfigMap is synthesized with.
+        model_id: model to serve (hub id ``org/name``, path, or the bundled alias): in cluster mode the
+            desired model the ConfigMap is synthesized with, else ``SERVING_MODEL`` of the pods.
             Default: ``BUNDLED_MODEL_ALIAS`` (shipped in the image, no download).
         revision: hub revision of ``model_id``. Default: ``None`` (the hub's default branch).
         cluster_mode: the desired-state ConfigMap, its Role and RoleBinding, the projected token and
@@ -422,8 +423,10 @@ class ModelServer(Construct):
         extra: Mapping[str, str],
     ) -> list[k8s.EnvVar]:
         values: dict[str, str | int | float | None] = {
-            env_name("model"): model_id,
-            env_name("revision"): revision,
+            # In cluster mode the model lives in the ConfigMap only: changing it swaps the model in the
+            # running pods (rolled back together on failure) instead of restarting them all.
+            env_name("model"): None if cluster_mode else model_id,
+            env_name("revision"): None if cluster_mode else revision,
             # The server listens on loopback unless told otherwise; the kubelet probes the pod IP.
             env_name("host"): "0.0.0.0",
             env_name("port"): self.port,

@@ -154,7 +154,10 @@ def test_default_run_writes_the_workload_and_the_monitoring_files(default_dir: P
 
 def test_defaults_serve_the_bundled_model_on_all_interfaces(default_docs) -> None:
     values = env(default_docs)
-    assert values[env_name("model")] == BUNDLED_MODEL_ALIAS
+    assert (
+        named(default_docs, "ConfigMap", "model-server-desired-model")["data"]["model_id"]
+        == BUNDLED_MODEL_ALIAS
+    )
     assert values[env_name("host")] == "0.0.0.0"
     assert values[env_name("port")] == str(DEFAULT_PORT)
     assert env_name("max_running_requests") not in values  # the server's own default applies
@@ -278,7 +281,6 @@ def test_every_option_lands_in_the_objects(full_dir: Path, full_docs) -> None:
     assert sorted(p.name for p in full_dir.iterdir()) == ["ml.k8s.yaml", f"{synth.MONITORING_CHART}.k8s.yaml"]
     assert all(doc["metadata"]["name"].startswith("chat") for doc in full_docs)
     values = env(full_docs)
-    assert values[env_name("model")] == "HuggingFaceTB/SmolLM2-360M-Instruct"
     assert values[env_name("max_running_requests")] == "8"
     assert values[env_name("max_queued_requests")] == "32"
     assert values[env_name("shutdown_grace_s")] == "60.0"
@@ -390,7 +392,8 @@ def test_desired_model_config_map_is_synthesized_with_the_model(
     assert set(data) == DESIRED_KEYS
     assert (data["model_id"], data["revision"]) == (model_id, revision)
     assert all(value == "" for key, value in data.items() if key not in ("model_id", "revision"))
-    assert env(docs)[env_name("model")] == model_id  # the same model where the ConfigMap is not read
+    # The pods do not carry the model: changing it must not restart them (the replicas swap in place).
+    assert env_name("model") not in env(docs) and env_name("revision") not in env(docs)
 
 
 def test_cluster_mode_settings_reach_the_server(full_docs) -> None:
@@ -399,7 +402,6 @@ def test_cluster_mode_settings_reach_the_server(full_docs) -> None:
     assert values[f"{ENV_PREFIX}CLUSTER_CONFIGMAP"] == "chat-desired-model"
     assert values[f"{ENV_PREFIX}CLUSTER_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert values[f"{ENV_PREFIX}POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
-    assert values[env_name("revision")] == "v1.0"
     # The label selector the server lists its fleet with picks exactly the Deployment's pods.
     selector = dict(term.split("=") for term in values[f"{ENV_PREFIX}CLUSTER_POD_SELECTOR"].split(","))
     assert selector == one(full_docs, "Deployment")["spec"]["selector"]["matchLabels"]
@@ -470,8 +472,11 @@ def test_network_policy_leaves_egress_to_the_api_server_open(docs) -> None:
 
 
 def test_without_cluster_mode_no_fleet_objects_token_or_settings(tmp_path: Path) -> None:
-    docs = synthesize(tmp_path, "--no-cluster-mode", "--no-monitoring")
+    docs = synthesize(
+        tmp_path, "--no-cluster-mode", "--no-monitoring", "--model", "org/m", "--revision", "v2"
+    )
     assert kinds(docs) == ["Deployment", "NetworkPolicy", "Service", "ServiceAccount"]
+    assert (env(docs)[env_name("model")], env(docs)[env_name("revision")]) == ("org/m", "v2")
     assert not [name for name in env(docs) if "CLUSTER" in name or name == f"{ENV_PREFIX}POD_NAME"]
     assert pod_spec(docs)["automountServiceAccountToken"] is False
     assert not [v for v in pod_spec(docs)["volumes"] if "projected" in v]
