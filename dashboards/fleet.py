@@ -49,6 +49,20 @@ _S = DASHBOARD_SELECTOR
 _W = RATE_INTERVAL
 
 
+def _replica_timeline(
+    title: str, description: str, gauge: str, zero: tuple[str, str], one: tuple[str, str]
+) -> Builder:
+    """One lane per cluster-mode replica of a 0/1 fleet gauge, each value shown as (text, colour)."""
+    return state_timeline(
+        title,
+        description,
+        Query(replica_gauge(gauge, _S), "{{pod}}"),
+        width=9,
+        height=6,
+        mappings=value_text({"0": zero, "1": one}),
+    )
+
+
 def fleet_panels() -> list[Builder]:
     """The dashboard's Fleet row: desired model, convergence and API connection per replica, rollouts."""
     return [
@@ -61,23 +75,21 @@ def fleet_panels() -> list[Builder]:
             height=6,
             show_name=True,
         ),
-        state_timeline(
+        _replica_timeline(
             "Converged on the desired model",
             "Per replica: serving the desired model, or not yet (a rollout in progress, stuck or rolling "
             f"back). ModelServersDisagree fires after {limits.ROLLOUT_STUCK_FOR} not converged.",
-            Query(replica_gauge(m.FLEET_REPLICA_CONVERGED, _S), "{{pod}}"),
-            width=9,
-            height=6,
-            mappings=value_text({"0": ("Converging", YELLOW), "1": ("Converged", GREEN)}),
+            m.FLEET_REPLICA_CONVERGED,
+            ("Converging", YELLOW),
+            ("Converged", GREEN),
         ),
-        state_timeline(
+        _replica_timeline(
             "Kubernetes API connection",
             "Per replica: its watch of the desired-state ConfigMap is established, or lost (the replica "
             "keeps serving and re-lists when it can).",
-            Query(replica_gauge(m.KUBE_API_CONNECTED, _S), "{{pod}}"),
-            width=9,
-            height=6,
-            mappings=value_text({"0": ("Disconnected", RED), "1": ("Connected", GREEN)}),
+            m.KUBE_API_CONNECTED,
+            ("Disconnected", RED),
+            ("Connected", GREEN),
         ),
         time_series(
             "Fleet rollouts",
