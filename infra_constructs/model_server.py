@@ -141,18 +141,9 @@ def env_name(setting: str) -> str:
 
 
 def _env_var(setting: str) -> str:
+    # Unchecked: the cluster-mode settings (the contract with service/settings.py) land there on another
+    # branch; tests/infra checks every SERVING_* variable of the Deployment against Settings.
     return f"{ENV_PREFIX}{setting.upper()}"
-
-
-#: Cluster-mode settings of the server, by field name (the contract with service/settings.py; spelt
-#: without env_name()'s check because they land there on another branch: tests/infra checks them).
-CLUSTER_SETTINGS = (
-    "cluster_mode",
-    "cluster_configmap",
-    "cluster_namespace",
-    "pod_name",
-    "cluster_pod_selector",
-)
 
 
 class ModelServer(Construct):

@@ -42,7 +42,7 @@ from infra_constructs.conventions import (
     PART_OF_LABEL,
     PROMETHEUS_SELECTOR_LABELS,
 )
-from infra_constructs.model_server import APP_NAME, CLUSTER_SETTINGS, SERVICE_ACCOUNT_DIR, env_name
+from infra_constructs.model_server import APP_NAME, SERVICE_ACCOUNT_DIR, env_name
 from service.api.paths import HEALTHZ, HTTP_PORT_NAME, METRICS, READYZ
 from service.settings import BUNDLED_MODEL_ALIAS, DEFAULT_PORT, ENV_PREFIX, Settings
 
@@ -411,9 +411,9 @@ def test_cluster_mode_settings_reach_the_server(full_docs) -> None:
 @pytest.mark.skipif(
     "cluster_mode" not in Settings.model_fields, reason="the cluster-mode settings land with the fleet server"
 )
-def test_cluster_mode_env_vars_are_server_settings(default_docs) -> None:
-    cluster_vars = {name for name in env(default_docs) if name.startswith(f"{ENV_PREFIX}CLUSTER_")}
-    assert {env_name(setting) for setting in CLUSTER_SETTINGS} == cluster_vars | {f"{ENV_PREFIX}POD_NAME"}
+def test_every_serving_env_var_is_a_server_setting(default_docs) -> None:
+    settings = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    assert {name for name in env(default_docs) if name.startswith(ENV_PREFIX)} <= settings
 
 
 def test_role_grants_only_what_a_replica_needs(docs) -> None:
