@@ -108,12 +108,12 @@ def fleet_on(model_id: str, replicas: int, rollout_phase: str) -> dict[str, Any]
     )
     if not (on_model and fleet and fleet["desired"]["model_id"] == model_id):
         return None
+    listed = [replica["model_id"] for replica in fleet["replicas"]]
     rollout = fleet["rollout"]
-    return (
-        fleet
-        if rollout["phase"] == rollout_phase and rollout["ready"] == rollout["total"] == replicas
-        else None
-    )
+    if listed != [model_id] * replicas or rollout["phase"] != rollout_phase:
+        return None
+    # A finished rollout counts every replica; after a rollback only the model and phase are asserted.
+    return fleet if rollout_phase != "ready" or rollout["ready"] == rollout["total"] == replicas else None
 
 
 def deploy(model_id: str) -> tuple[int, Any]:
