@@ -2,8 +2,10 @@
 
 Two files: ``<namespace>.k8s.yaml`` (the workload) and ``monitoring.k8s.yaml`` (ServiceMonitor,
 PrometheusRule, Grafana dashboards; needs kube-prometheus-stack's CRDs, skip it with --no-monitoring).
-Changing --model and re-applying rolls the pods one by one, each taking traffic only once its model is
-ready: the cluster-wide, zero-downtime way to change the served model.
+The replicas run in cluster mode: they converge on the model in the ConfigMap <name>-desired-model,
+which this writes with --model (and --revision) and which POST /model on any replica changes too; the
+last writer wins, so re-applying an older manifest reverts a model deployed through the API.
+--no-cluster-mode leaves each replica on its own (--model at start, POST /model per pod).
 """
 
 from __future__ import annotations
@@ -56,6 +58,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--image", default=_SERVER["image"], help="container image" + d)
     add("--image-pull-policy", default=_SERVER["image_pull_policy"], help="imagePullPolicy" + d)
     add("--model", default=_SERVER["model_id"], help="model served: hub id org/name or bundled alias" + d)
+    add(
+        "--revision", default=_SERVER["revision"], help="hub revision of --model (default: the hub's default)"
+    )
+    add(
+        "--no-cluster-mode",
+        action="store_true",
+        help="independent replicas: no desired-state ConfigMap, Role, RoleBinding or API token",
+    )
     add("--replicas", type=int, default=_SERVER["replicas"], help="pods (without --autoscaling)" + d)
     add("--cpu-request", default=_RESOURCES.cpu_request, help="CPU request" + d)
     add("--memory-request", default=_RESOURCES.memory_request, help="memory request" + d)
@@ -101,6 +111,8 @@ def build(args: argparse.Namespace) -> cdk8s.App:
         chart,
         args.name,
         model_id=args.model,
+        revision=args.revision,
+        cluster_mode=not args.no_cluster_mode,
         image=args.image,
         image_pull_policy=args.image_pull_policy,
         replicas=args.replicas,

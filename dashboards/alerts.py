@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dashboards import thresholds as limits
+from dashboards.fleet import replica_gauge
 from dashboards.promql import quantile, rate, selector
 from service import metrics as m
 from service.api import paths
@@ -109,7 +110,6 @@ def _model(job: str) -> list[Alert]:
         m.REQUESTS_REJECTED_TOTAL, j, 'reason="queue_full"', window=WINDOW, group=("namespace", "pod")
     )
     waiting = f"max by (namespace, pod) (avg_over_time({selector(m.NUM_REQUESTS_WAITING, j)}[{WINDOW}]))"
-    serving = f"count by (namespace, job, model_id) ({selector(m.MODEL_INFO, j)} == 1)"
     return [
         Alert(
             "ModelDeploymentFailed",
@@ -132,14 +132,31 @@ def _model(job: str) -> list[Alert]:
             f"Over {WINDOW} the replica refused requests with 429 (queue full) or kept more than "
             f"{limits.QUEUE_WAITING_WARNING} requests waiting for a batch slot: it needs more replicas.",
         ),
+    ]
+
+
+def _fleet(job: str) -> list[Alert]:
+    """Cluster mode only: the expressions keep replicas that export a desired model (dashboards.fleet)."""
+    j = f'job="{job}"'
+    replica = "{{ $labels.namespace }}/{{ $labels.pod }}"
+    return [
         Alert(
             "ModelServersDisagree",
-            f"count by (namespace, job) ({serving}) > 1",
-            "15m",
+            f"{replica_gauge(m.FLEET_REPLICA_CONVERGED, j)} == 0",
+            limits.ROLLOUT_STUCK_FOR,
             "warning",
-            "Replicas in {{ $labels.namespace }} serve {{ $value }} different models",
-            "The model_info series of the replicas name different model ids for 15 minutes, longer "
-            "than a rolling model change takes: a deployment failed on some replicas only.",
+            f"Replica {replica} has not converged on the fleet's desired model",
+            f"For {limits.ROLLOUT_STUCK_FOR} the replica has not served the model of the desired-state "
+            "ConfigMap: a rollout is stuck (download, load) or a failure was not rolled back.",
+        ),
+        Alert(
+            "ModelServerKubeAPIDisconnected",
+            f"{replica_gauge(m.KUBE_API_CONNECTED, j)} == 0",
+            limits.KUBE_API_DISCONNECTED_FOR,
+            "warning",
+            f"Replica {replica} lost its watch of the Kubernetes API",
+            f"For {limits.KUBE_API_DISCONNECTED_FOR} the replica has not reached the API server: it keeps "
+            "serving its model but misses rollouts until it reconnects and re-lists.",
         ),
     ]
 
@@ -153,4 +170,5 @@ def alert_rule_groups(job: str = DEFAULT_JOB, runbook_url: str | None = None) ->
     return [
         {"name": "model-serving.availability", "rules": [a.rule(runbook_url) for a in _availability(job)]},
         {"name": "model-serving.model", "rules": [a.rule(runbook_url) for a in _model(job)]},
+        {"name": "model-serving.fleet", "rules": [a.rule(runbook_url) for a in _fleet(job)]},
     ]

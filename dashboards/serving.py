@@ -1,5 +1,6 @@
-"""The model server's Grafana dashboard: traffic, latency, the serving model and its deployments,
-generation (tokens, time to first token, queue), and the Python process (memory, CPU, GC, uptime).
+"""The model server's Grafana dashboard: traffic, latency, the serving model and its deployments, the
+fleet (cluster mode: desired model, convergence, rollouts, API connection), generation (tokens, time
+to first token, queue), and the Python process (memory, CPU, GC, uptime).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import dashboard
 
 from dashboards import thresholds as limits
+from dashboards.fleet import fleet_panels
 from dashboards.panels import (
     BLUE,
     DATASOURCE,
@@ -298,6 +300,7 @@ _SECTIONS = (
     ("Overview", _overview),
     ("Traffic", _traffic),
     ("Model", _model),
+    ("Fleet", fleet_panels),
     ("Generation", _generation),
     ("Process", _process),
 )

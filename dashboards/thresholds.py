@@ -20,3 +20,11 @@ RECENT_RESTART_S = 300
 
 #: How long a replica may stay without a ready model (start-up downloads included) before paging.
 MODEL_NOT_READY_FOR = "10m"
+
+#: Cluster mode: a replica not serving the fleet's desired model for this long is a stuck rollout (a
+#: rollout is a download and a load per replica, rolled back together when one replica fails).
+ROLLOUT_STUCK_FOR = "10m"
+
+#: Cluster mode: how long a replica may lose its watch of the Kubernetes API before paging (it keeps
+#: serving, but misses rollouts until it reconnects).
+KUBE_API_DISCONNECTED_FOR = "5m"

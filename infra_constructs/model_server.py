@@ -1,4 +1,5 @@
-"""``ModelServer``: the model server's workload (Deployment, ServiceAccount, Service and their guards)."""
+"""``ModelServer``: the model server's workload (Deployment, ServiceAccount, Service and their guards),
+and in cluster mode the fleet's desired-state ConfigMap with the least RBAC its replicas need."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from cdk8s import Chart
 from constructs import Construct
 
 from infra_constructs._k8s import k8s
@@ -27,6 +29,26 @@ IMAGE_UID = 10001
 _HOME_DIR = "/var/lib/model-serving"
 _STATE_DIR = f"{_HOME_DIR}/state"
 _HF_HOME = f"{_HOME_DIR}/huggingface"
+
+#: Keys of the desired-state ConfigMap, as the server's reconciler reads and writes them. Only the model
+#: is synthesized; the others start empty and belong to the rollouts (``POST /model``, fleet rollback).
+DESIRED_STATE_KEYS = (
+    "model_id",
+    "revision",
+    "previous_model_id",
+    "previous_revision",
+    "rollout_id",
+    "rollout_outcome",
+    "rollout_reason",
+    "rollout_failed_replica",
+    "updated_at",
+)
+#: Where Kubernetes clients look for the in-cluster credentials (token, ca.crt, namespace).
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+#: Lifetime of the projected token; the kubelet renews it at 80 % and the client re-reads the file.
+TOKEN_EXPIRATION_S = 3600
+#: The ConfigMap holding the cluster's CA that every namespace gets (Kubernetes 1.21+).
+_ROOT_CA_CONFIGMAP = "kube-root-ca.crt"
 
 
 @dataclass(frozen=True)
@@ -67,7 +89,7 @@ class NetworkPolicyOptions:
 
     Defaults: ``allow_namespaces=(MONITORING_NAMESPACE,)`` (Prometheus scrapes ``/metrics``),
     ``allow_same_namespace=True`` (clients in the server's namespace). Egress stays open: the server
-    downloads models from the hub.
+    downloads models from the hub and, in cluster mode, watches the Kubernetes API server (443/6443).
     """
 
     allow_namespaces: Sequence[str] = (MONITORING_NAMESPACE,)
@@ -115,6 +137,12 @@ def env_name(setting: str) -> str:
     """The environment variable of a server setting; fails if ``Settings`` has no such field."""
     if setting not in Settings.model_fields:
         raise KeyError(f"service.settings.Settings has no field {setting!r}")
+    return _env_var(setting)
+
+
+def _env_var(setting: str) -> str:
+    # Unchecked: the cluster-mode settings (the contract with service/settings.py) land there on another
+    # branch; tests/infra checks every SERVING_* variable of the Deployment against Settings.
     return f"{ENV_PREFIX}{setting.upper()}"
 
 
@@ -122,16 +150,28 @@ class ModelServer(Construct):
     """The model server: Deployment, ServiceAccount, Service, NetworkPolicy, and when asked PDB and HPA.
 
     Secure by default: non-root (uid ``IMAGE_UID``), read-only root filesystem, no privilege escalation,
-    every capability dropped, ``RuntimeDefault`` seccomp, no service-account token. A rolling update
-    with ``maxUnavailable: 0`` gated by ``/readyz`` makes changing ``model_id`` and re-applying a
+    every capability dropped, ``RuntimeDefault`` seccomp, no service-account token outside cluster mode.
+    A rolling update with ``maxUnavailable: 0`` gated by ``/readyz`` makes every change of the pods a
     zero-downtime rollout.
+
+    Cluster mode (the default) makes the replicas one fleet: a ConfigMap ``<name>-desired-model`` holds
+    the model every replica converges on in place (``POST /model`` on any replica writes it; so does
+    ``kubectl apply`` of this construct's output: the last writer wins); the pods carry no model of
+    their own, so changing ``model_id`` restarts none of them. The pods then get a projected
+    ServiceAccount token (``TOKEN_EXPIRATION_S``) and a Role allowing only what a replica does: read,
+    watch and patch that one ConfigMap, read the pods and patch a pod (its own state annotation).
 
     Args:
         scope: parent construct (a ``cdk8s.Chart``; its namespace is the objects' namespace).
         id: construct id; also the default object name.
         name: name of every object and the ``app.kubernetes.io/instance`` label. Default: ``id``.
-        model_id: model served at start-up (hub id ``org/name``, path, or the bundled alias).
+        model_id: model to serve (hub id ``org/name``, path, or the bundled alias): in cluster mode the
+            desired model the ConfigMap is synthesized with, else ``SERVING_MODEL`` of the pods.
             Default: ``BUNDLED_MODEL_ALIAS`` (shipped in the image, no download).
+        revision: hub revision of ``model_id``. Default: ``None`` (the hub's default branch).
+        cluster_mode: the desired-state ConfigMap, its Role and RoleBinding, the projected token and
+            the ``SERVING_CLUSTER_*`` settings. Needs the chart's namespace (the RoleBinding names the
+            ServiceAccount by namespace). Default: ``True``.
         image: container image. Default: ``DEFAULT_IMAGE``.
         image_pull_policy: Default: ``"IfNotPresent"`` (what ``minikube image load`` needs).
         replicas: pod count when ``autoscaling`` is unset. Default: ``1``. More than one adds a
@@ -165,6 +205,8 @@ class ModelServer(Construct):
         *,
         name: str | None = None,
         model_id: str = BUNDLED_MODEL_ALIAS,
+        revision: str | None = None,
+        cluster_mode: bool = True,
         image: str = DEFAULT_IMAGE,
         image_pull_policy: str = "IfNotPresent",
         replicas: int = 1,
@@ -198,16 +240,26 @@ class ModelServer(Construct):
             **(labels or {}),
         }
         admin_token = admin_token or SecretKeyRef(name=f"{self.name}-admin")
+        #: Name of the desired-state ConfigMap (made only in cluster mode).
+        self.desired_model_name = f"{self.name}-desired-model"
 
+        # The token is never automounted: in cluster mode the pod mounts a projected, expiring one.
         self.service_account = k8s.KubeServiceAccount(
             self, "service-account", metadata=self._meta(), automount_service_account_token=False
         )
+        self.desired_model: k8s.KubeConfigMap | None = None
+        self.role: k8s.KubeRole | None = None
+        self.role_binding: k8s.KubeRoleBinding | None = None
+        if cluster_mode:
+            self._fleet(model_id=model_id, revision=revision)
         container = self._container(
             image=image,
             image_pull_policy=image_pull_policy,
             resources=resources,
             env=self._env(
                 model_id=model_id,
+                revision=revision,
+                cluster_mode=cluster_mode,
                 admin_token=admin_token,
                 max_running_requests=max_running_requests,
                 max_queued_requests=max_queued_requests,
@@ -216,7 +268,21 @@ class ModelServer(Construct):
             ),
             pre_stop_delay_s=pre_stop_delay_s,
             startup_timeout_s=startup_timeout_s,
+            token_mount=cluster_mode,
         )
+        volumes = [
+            k8s.Volume(name="home", empty_dir=k8s.EmptyDirVolumeSource()),
+            model_cache.volume("model-cache"),
+            k8s.Volume(name="tmp", empty_dir=k8s.EmptyDirVolumeSource()),
+            k8s.Volume(
+                name="dshm",
+                empty_dir=k8s.EmptyDirVolumeSource(
+                    medium="Memory", size_limit=k8s.Quantity.from_string(shm_size)
+                ),
+            ),
+        ]
+        if cluster_mode:
+            volumes.append(_token_volume())
         self.deployment = k8s.KubeDeployment(
             self,
             "deployment",
@@ -251,17 +317,7 @@ class ModelServer(Construct):
                             seccomp_profile=k8s.SeccompProfile(type="RuntimeDefault"),
                         ),
                         containers=[container],
-                        volumes=[
-                            k8s.Volume(name="home", empty_dir=k8s.EmptyDirVolumeSource()),
-                            model_cache.volume("model-cache"),
-                            k8s.Volume(name="tmp", empty_dir=k8s.EmptyDirVolumeSource()),
-                            k8s.Volume(
-                                name="dshm",
-                                empty_dir=k8s.EmptyDirVolumeSource(
-                                    medium="Memory", size_limit=k8s.Quantity.from_string(shm_size)
-                                ),
-                            ),
-                        ],
+                        volumes=volumes,
                     ),
                 ),
             ),
@@ -303,10 +359,54 @@ class ModelServer(Construct):
     def _meta(self) -> k8s.ObjectMeta:
         return k8s.ObjectMeta(name=self.name, labels=self.labels)
 
+    def _fleet(self, *, model_id: str, revision: str | None) -> None:
+        """The desired-state ConfigMap and the Role and RoleBinding the replicas need to converge on it."""
+        namespace = Chart.of(self).namespace
+        if not namespace:
+            raise ValueError("cluster_mode needs a namespace on the chart: the RoleBinding names it")
+        desired = dict.fromkeys(DESIRED_STATE_KEYS, "") | {"model_id": model_id, "revision": revision or ""}
+        self.desired_model = k8s.KubeConfigMap(
+            self,
+            "desired-model",
+            metadata=k8s.ObjectMeta(name=self.desired_model_name, labels=self.labels),
+            data=desired,
+        )
+        self.role = k8s.KubeRole(
+            self,
+            "role",
+            metadata=self._meta(),
+            rules=[
+                # resourceNames also bounds list and watch: the server lists and watches with the field
+                # selector metadata.name=<that ConfigMap>, the only form RBAC allows for them.
+                k8s.PolicyRule(
+                    api_groups=[""],
+                    resources=["configmaps"],
+                    resource_names=[self.desired_model_name],
+                    verbs=["get", "list", "watch", "patch"],
+                ),
+                # The fleet view reads the release's pods (RBAC cannot filter by label; the server does).
+                k8s.PolicyRule(api_groups=[""], resources=["pods"], verbs=["get", "list", "watch"]),
+                # Each replica patches its own Pod's state annotation. RBAC cannot restrict a patch to the
+                # caller's own pod (resourceNames are fixed at synth time; pod names are not).
+                k8s.PolicyRule(api_groups=[""], resources=["pods"], verbs=["patch"]),
+            ],
+        )
+        self.role_binding = k8s.KubeRoleBinding(
+            self,
+            "role-binding",
+            metadata=self._meta(),
+            role_ref=k8s.RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=self.name),
+            subjects=[
+                k8s.Subject(kind="ServiceAccount", name=self.service_account.name, namespace=namespace)
+            ],
+        )
+
     def _env(
         self,
         *,
         model_id: str,
+        revision: str | None,
+        cluster_mode: bool,
         admin_token: SecretKeyRef,
         max_running_requests: int | None,
         max_queued_requests: int | None,
@@ -314,7 +414,10 @@ class ModelServer(Construct):
         extra: Mapping[str, str],
     ) -> list[k8s.EnvVar]:
         values: dict[str, str | int | float | None] = {
-            env_name("model"): model_id,
+            # In cluster mode the model lives in the ConfigMap only: changing it swaps the model in the
+            # running pods (rolled back together on failure) instead of restarting them all.
+            env_name("model"): None if cluster_mode else model_id,
+            env_name("revision"): None if cluster_mode else revision,
             # The server listens on loopback unless told otherwise; the kubelet probes the pod IP.
             env_name("host"): "0.0.0.0",
             env_name("port"): self.port,
@@ -325,7 +428,26 @@ class ModelServer(Construct):
             "HF_HOME": _HF_HOME,
             **extra,
         }
+        if cluster_mode:
+            values |= {
+                _env_var("cluster_mode"): "true",
+                _env_var("cluster_configmap"): self.desired_model_name,
+                _env_var("cluster_pod_selector"): ",".join(
+                    f"{k}={v}" for k, v in self.selector_labels.items()
+                ),
+            }
         env = [k8s.EnvVar(name=key, value=str(value)) for key, value in values.items() if value is not None]
+        if cluster_mode:
+            env += [
+                k8s.EnvVar(
+                    name=_env_var(setting),
+                    value_from=k8s.EnvVarSource(field_ref=k8s.ObjectFieldSelector(field_path=field)),
+                )
+                for setting, field in (
+                    ("cluster_namespace", "metadata.namespace"),
+                    ("pod_name", "metadata.name"),
+                )
+            ]
         env.append(
             k8s.EnvVar(
                 name=env_name("admin_token"),
@@ -347,6 +469,7 @@ class ModelServer(Construct):
         env: list[k8s.EnvVar],
         pre_stop_delay_s: int,
         startup_timeout_s: int,
+        token_mount: bool,
     ) -> k8s.Container:
         def probe(path: str, period_s: int, failures: int) -> k8s.Probe:
             return k8s.Probe(
@@ -397,6 +520,11 @@ class ModelServer(Construct):
                 k8s.VolumeMount(name="model-cache", mount_path=_HF_HOME),
                 k8s.VolumeMount(name="tmp", mount_path="/tmp"),
                 k8s.VolumeMount(name="dshm", mount_path="/dev/shm"),
+                *(
+                    [k8s.VolumeMount(name=_TOKEN_VOLUME, mount_path=SERVICE_ACCOUNT_DIR, read_only=True)]
+                    if token_mount
+                    else []
+                ),
             ],
         )
 
@@ -459,3 +587,39 @@ class ModelServer(Construct):
                 ],
             ),
         )
+
+
+_TOKEN_VOLUME = "kube-api-access"
+
+
+def _token_volume() -> k8s.Volume:
+    """What the kubelet would automount, made explicit and expiring: token, cluster CA, namespace."""
+    return k8s.Volume(
+        name=_TOKEN_VOLUME,
+        projected=k8s.ProjectedVolumeSource(
+            sources=[
+                k8s.VolumeProjection(
+                    service_account_token=k8s.ServiceAccountTokenProjection(
+                        path="token", expiration_seconds=TOKEN_EXPIRATION_S
+                    )
+                ),
+                k8s.VolumeProjection(
+                    config_map=k8s.ConfigMapProjection(
+                        name=_ROOT_CA_CONFIGMAP, items=[k8s.KeyToPath(key="ca.crt", path="ca.crt")]
+                    )
+                ),
+                k8s.VolumeProjection(
+                    downward_api=k8s.DownwardApiProjection(
+                        items=[
+                            k8s.DownwardApiVolumeFile(
+                                path="namespace",
+                                field_ref=k8s.ObjectFieldSelector(
+                                    api_version="v1", field_path="metadata.namespace"
+                                ),
+                            )
+                        ]
+                    )
+                ),
+            ]
+        ),
+    )

@@ -13,9 +13,11 @@ from typing import Any
 import pytest
 import yaml
 
-from dashboards import alert_rule_groups
+from dashboards import alert_rule_groups, all_dashboards
 from dashboards.__main__ import RULES_FILE, write
 from dashboards.alerts import DEFAULT_JOB
+from dashboards.catalog import panel_queries
+from dashboards.promql import expand_variables
 from service import metrics as m
 from service.api import paths
 
@@ -169,29 +171,81 @@ def test_model_not_ready_fires_only_after_its_grace_period(tmp_path: Path) -> No
     )
 
 
-def test_replicas_disagreeing_on_the_model_fire_only_when_it_lasts(tmp_path: Path) -> None:
-    info = {"revision": "main", "dtype": "bfloat16", "device": "cpu"}
-    run_promtool(
-        tmp_path,
-        [
-            {
-                "interval": "1m",
-                "input_series": [
-                    series(m.MODEL_INFO, "1x40", model_id="org/a", **info),
-                    # A second replica serves model b from 5m on: a rollout that never converges.
-                    series(m.MODEL_INFO, "_x4 1x36", model_id="org/b", **{**info, "pod": "model-server-1"}),
-                ],
-                "alert_rule_test": [
-                    check("ModelServersDisagree", "10m"),
-                    check(
-                        "ModelServersDisagree",
-                        "25m",
-                        firing("ModelServersDisagree", "2", namespace="serving", job=DEFAULT_JOB),
-                    ),
-                ],
-            }
-        ],
-    )
+#: One replica in cluster mode reads this desired model; the fleet rules and panels key on its presence.
+DESIRED = {"model_id": "org/b", "revision": "main", "rollout_id": "r-2"}
+#: A replica of the same job without cluster mode: its fleet gauges are exported at 0 and must never count.
+INDEPENDENT = {"pod": "model-server-9"}
+
+
+def minute_group(input_series: list[dict[str, str]], **tests: list[dict[str, Any]]) -> dict[str, Any]:
+    """A promtool test group sampled every minute, with ``alert_rule_test`` and/or ``promql_expr_test``."""
+    return {"interval": "1m", "input_series": input_series, **tests}
+
+
+def test_replica_not_converged_fires_when_a_rollout_is_stuck_and_resolves_on_convergence(
+    tmp_path: Path,
+) -> None:
+    stuck = {"namespace": TARGET["namespace"], "pod": "model-server-1"}
+    series_ = [
+        series(m.FLEET_DESIRED_MODEL_INFO, "1x40", **DESIRED),
+        series(m.FLEET_REPLICA_CONVERGED, "1x40"),
+        series(m.FLEET_DESIRED_MODEL_INFO, "1x40", **DESIRED, pod=stuck["pod"]),
+        # A rollout starts at 5m; this replica serves the new model only from 25m.
+        series(m.FLEET_REPLICA_CONVERGED, "1x4 0x20 1x15", pod=stuck["pod"]),
+        series(m.FLEET_REPLICA_CONVERGED, "0x40", **INDEPENDENT),
+    ]
+    checks = [
+        check("ModelServersDisagree", "4m"),
+        check("ModelServersDisagree", "12m"),  # pending: a rollout may take a while
+        check("ModelServersDisagree", "20m", firing("ModelServersDisagree", **stuck)),
+        check("ModelServersDisagree", "30m"),
+    ]
+    run_promtool(tmp_path, [minute_group(series_, alert_rule_test=checks)])
+
+
+def test_kube_api_disconnected_fires_after_its_grace_and_resolves_on_reconnect(tmp_path: Path) -> None:
+    target = {"namespace": TARGET["namespace"], "pod": TARGET["pod"]}
+    series_ = [
+        series(m.FLEET_DESIRED_MODEL_INFO, "1x30", **DESIRED),
+        # The watch is lost from 5m to 14m.
+        series(m.KUBE_API_CONNECTED, "1x4 0x10 1x15"),
+        series(m.KUBE_API_CONNECTED, "0x30", **INDEPENDENT),
+    ]
+    checks = [
+        check("ModelServerKubeAPIDisconnected", "7m"),
+        check("ModelServerKubeAPIDisconnected", "12m", firing("ModelServerKubeAPIDisconnected", **target)),
+        check("ModelServerKubeAPIDisconnected", "20m"),
+    ]
+    run_promtool(tmp_path, [minute_group(series_, alert_rule_test=checks)])
+
+
+def test_fleet_panels_show_cluster_mode_replicas_and_the_desired_model(tmp_path: Path) -> None:
+    """The Fleet row's queries, expanded as Grafana would, on the same kind of series as the rules."""
+    queries = {q.key: q.expr for q in panel_queries(all_dashboards())}
+    variables = {"namespace": TARGET["namespace"], "pod": ".*", "__rate_interval": "5m"}
+
+    def evaluated(key: str, at: str, *samples: tuple[dict[str, str], float]) -> dict[str, Any]:
+        expected = [
+            {"labels": "{" + ", ".join(f'{k}="{v}"' for k, v in labels.items()) + "}", "value": value}
+            for labels, value in samples
+        ]
+        return {"expr": expand_variables(queries[key], variables), "eval_time": at, "exp_samples": expected}
+
+    replica = {"namespace": TARGET["namespace"], "pod": TARGET["pod"]}
+    series_ = [
+        series(m.FLEET_DESIRED_MODEL_INFO, "1x10", **DESIRED),
+        series(m.FLEET_REPLICA_CONVERGED, "0x4 1x5"),
+        series(m.KUBE_API_CONNECTED, "1x2 0x2 1x5"),
+        series(m.FLEET_REPLICA_CONVERGED, "0x10", **INDEPENDENT),
+        series(m.KUBE_API_CONNECTED, "0x10", **INDEPENDENT),
+    ]
+    expressions = [
+        evaluated("Desired model/A", "5m", ({"model_id": "org/b", "revision": "main"}, 1)),
+        evaluated("Converged on the desired model/A", "2m", (replica, 0)),
+        evaluated("Converged on the desired model/A", "6m", (replica, 1)),
+        evaluated("Kubernetes API connection/A", "3m", (replica, 0)),
+    ]
+    run_promtool(tmp_path, [minute_group(series_, promql_expr_test=expressions)])
 
 
 def test_queue_saturated_fires_on_queue_full_rejections(tmp_path: Path) -> None:

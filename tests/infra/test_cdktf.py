@@ -178,8 +178,12 @@ def test_grafana_sidecar_discovers_our_dashboards_everywhere(
     label, label_value = conventions.GRAFANA_DASHBOARD_LABEL
     assert dashboards["enabled"] is True
     assert (dashboards["label"], dashboards["labelValue"]) == (label, label_value)
-    config_map = _k8s_object(k8s_objects, "ConfigMap")["metadata"]
-    assert config_map["labels"][label] == label_value
+    # The dashboards' ConfigMap is the one the sidecar's label picks (the desired-model one has none).
+    (config_map,) = (
+        obj["metadata"]
+        for obj in k8s_objects
+        if obj["kind"] == "ConfigMap" and obj["metadata"]["labels"].get(label) == label_value
+    )
     assert conventions.GRAFANA_FOLDER_ANNOTATION in config_map["annotations"]
     assert dashboards["searchNamespace"] == "ALL"
     assert dashboards["folderAnnotation"] == conventions.GRAFANA_FOLDER_ANNOTATION

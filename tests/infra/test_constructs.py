@@ -42,9 +42,9 @@ from infra_constructs.conventions import (
     PART_OF_LABEL,
     PROMETHEUS_SELECTOR_LABELS,
 )
-from infra_constructs.model_server import APP_NAME, env_name
+from infra_constructs.model_server import APP_NAME, SERVICE_ACCOUNT_DIR, env_name
 from service.api.paths import HEALTHZ, HTTP_PORT_NAME, METRICS, READYZ
-from service.settings import BUNDLED_MODEL_ALIAS, DEFAULT_PORT
+from service.settings import BUNDLED_MODEL_ALIAS, DEFAULT_PORT, ENV_PREFIX, Settings
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
@@ -55,6 +55,7 @@ FULL_OPTIONS = [
     "--image", "registry.example/model-serving@sha256:" + "0" * 64,
     "--image-pull-policy", "Always",
     "--model", "HuggingFaceTB/SmolLM2-360M-Instruct",
+    "--revision", "v1.0",
     "--replicas", "3",
     "--cpu-request", "2", "--memory-request", "4Gi", "--cpu-limit", "4", "--memory-limit", "8Gi",
     "--shm-size", "2Gi",
@@ -80,6 +81,19 @@ def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 
 def kinds(docs: list[dict[str, Any]]) -> list[str]:
     return sorted(doc["kind"] for doc in docs)
+
+
+def named(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    [found] = [doc for doc in docs if doc["kind"] == kind and doc["metadata"]["name"] == name]
+    return found
+
+
+def dashboards_config_map(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    key, value = GRAFANA_DASHBOARD_LABEL
+    [found] = [
+        doc for doc in docs if doc["kind"] == "ConfigMap" and doc["metadata"]["labels"].get(key) == value
+    ]
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -125,10 +139,13 @@ def test_default_run_writes_the_workload_and_the_monitoring_files(default_dir: P
         f"{synth.MONITORING_CHART}.k8s.yaml",
     ]
     assert kinds(default_docs) == [
-        "ConfigMap",
+        "ConfigMap",  # the dashboards
+        "ConfigMap",  # the desired model (cluster mode)
         "Deployment",
         "NetworkPolicy",
         "PrometheusRule",
+        "Role",
+        "RoleBinding",
         "Service",
         "ServiceAccount",
         "ServiceMonitor",
@@ -137,15 +154,17 @@ def test_default_run_writes_the_workload_and_the_monitoring_files(default_dir: P
 
 def test_defaults_serve_the_bundled_model_on_all_interfaces(default_docs) -> None:
     values = env(default_docs)
-    assert values[env_name("model")] == BUNDLED_MODEL_ALIAS
+    assert (
+        named(default_docs, "ConfigMap", "model-server-desired-model")["data"]["model_id"]
+        == BUNDLED_MODEL_ALIAS
+    )
     assert values[env_name("host")] == "0.0.0.0"
     assert values[env_name("port")] == str(DEFAULT_PORT)
     assert env_name("max_running_requests") not in values  # the server's own default applies
     deployment = one(default_docs, "Deployment")
     assert deployment["spec"]["replicas"] == 1
-    assert all(
-        doc["metadata"]["namespace"] == APP_NAMESPACE for doc in default_docs if doc["kind"] != "ConfigMap"
-    )
+    dashboards = dashboards_config_map(default_docs)
+    assert all(doc["metadata"]["namespace"] == APP_NAMESPACE for doc in default_docs if doc is not dashboards)
 
 
 def test_resources_default_to_the_single_node_budget(default_docs) -> None:
@@ -248,10 +267,8 @@ def test_network_policy_admits_monitoring_on_the_http_port(docs) -> None:
 
 def test_monitoring_carries_the_rules_and_dashboards_of_dashboards_package(default_docs) -> None:
     assert one(default_docs, "PrometheusRule")["spec"]["groups"] == alert_rule_groups()
-    config_map = one(default_docs, "ConfigMap")
+    config_map = dashboards_config_map(default_docs)
     assert config_map["metadata"]["namespace"] == MONITORING_NAMESPACE
-    key, value = GRAFANA_DASHBOARD_LABEL
-    assert config_map["metadata"]["labels"][key] == value
     assert config_map["metadata"]["annotations"] == {GRAFANA_FOLDER_ANNOTATION: GRAFANA_FOLDER}
     assert {name: json.loads(text) for name, text in config_map["data"].items()} == all_dashboards()
     assert all(doc["metadata"]["labels"][PART_OF_LABEL[0]] == PART_OF_LABEL[1] for doc in default_docs)
@@ -264,7 +281,6 @@ def test_every_option_lands_in_the_objects(full_dir: Path, full_docs) -> None:
     assert sorted(p.name for p in full_dir.iterdir()) == ["ml.k8s.yaml", f"{synth.MONITORING_CHART}.k8s.yaml"]
     assert all(doc["metadata"]["name"].startswith("chat") for doc in full_docs)
     values = env(full_docs)
-    assert values[env_name("model")] == "HuggingFaceTB/SmolLM2-360M-Instruct"
     assert values[env_name("max_running_requests")] == "8"
     assert values[env_name("max_queued_requests")] == "32"
     assert values[env_name("shutdown_grace_s")] == "60.0"
@@ -282,8 +298,9 @@ def test_every_option_lands_in_the_objects(full_dir: Path, full_docs) -> None:
     volumes = {v["name"]: v for v in one(full_docs, "Deployment")["spec"]["template"]["spec"]["volumes"]}
     assert volumes["model-cache"]["persistentVolumeClaim"] == {"claimName": "hf-cache"}
     assert volumes["dshm"]["emptyDir"]["sizeLimit"] == "2Gi"
-    assert one(full_docs, "ConfigMap")["metadata"]["namespace"] == "grafana"
-    assert all(doc["metadata"]["namespace"] == "ml" for doc in full_docs if doc["kind"] != "ConfigMap")
+    dashboards = dashboards_config_map(full_docs)
+    assert dashboards["metadata"]["namespace"] == "grafana"
+    assert all(doc["metadata"]["namespace"] == "ml" for doc in full_docs if doc is not dashboards)
 
 
 def test_autoscaling_owns_the_replica_count(full_docs) -> None:
@@ -308,7 +325,9 @@ def test_network_policy_namespaces_are_configurable(full_docs) -> None:
 
 def test_replicas_above_one_add_a_disruption_budget_and_flags_drop_objects(tmp_path: Path) -> None:
     (tmp_path / f"{synth.MONITORING_CHART}.k8s.yaml").write_text("stale")  # an earlier run's file
-    docs = synthesize(tmp_path, "--replicas", "2", "--no-monitoring", "--no-network-policy")
+    docs = synthesize(
+        tmp_path, "--replicas", "2", "--no-monitoring", "--no-network-policy", "--no-cluster-mode"
+    )
     assert kinds(docs) == ["Deployment", "PodDisruptionBudget", "Service", "ServiceAccount"]
     assert one(docs, "Deployment")["spec"]["replicas"] == 2
     assert [p.name for p in tmp_path.iterdir()] == [f"{APP_NAMESPACE}.k8s.yaml"]
@@ -323,7 +342,11 @@ def test_help_documents_every_option() -> None:
         check=True,
         env={**os.environ, "COLUMNS": "1000"},  # argparse would wrap lines, even inside words
     )
-    flags = {arg for arg in FULL_OPTIONS if arg.startswith("--")} | {"--out", "--no-monitoring"}
+    flags = {arg for arg in FULL_OPTIONS if arg.startswith("--")} | {
+        "--out",
+        "--no-monitoring",
+        "--no-cluster-mode",
+    }
     assert all(flag in result.stdout for flag in flags)
     assert "pods (without --autoscaling) (default: 1)" in result.stdout
     assert f"(default: {APP_NAMESPACE})" in result.stdout
@@ -335,6 +358,136 @@ def test_constructs_validate_their_props() -> None:
         ModelServer(chart, "zero", replicas=0)
     with pytest.raises(KeyError, match="no_such_setting"):
         env_name("no_such_setting")
+
+
+# --- cluster mode: desired state and least privilege ----------------------------------------------
+
+#: The desired-state ConfigMap's keys, as the contract with the server's reconciler lists them.
+DESIRED_KEYS = {
+    "model_id", "revision", "previous_model_id", "previous_revision", "rollout_id", "rollout_outcome",
+    "rollout_reason", "rollout_failed_replica", "updated_at",
+}  # fmt: skip
+
+
+def pod_spec(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(docs, "Deployment")["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize(
+    ("which", "name", "model_id", "revision"),
+    [
+        ("default", "model-server", BUNDLED_MODEL_ALIAS, ""),
+        ("full", "chat", "HuggingFaceTB/SmolLM2-360M-Instruct", "v1.0"),
+    ],
+)
+def test_desired_model_config_map_is_synthesized_with_the_model(
+    request: pytest.FixtureRequest, which: str, name: str, model_id: str, revision: str
+) -> None:
+    docs = request.getfixturevalue(f"{which}_docs")
+    config_map = named(docs, "ConfigMap", f"{name}-desired-model")
+    deployment = one(docs, "Deployment")
+    assert config_map["metadata"]["labels"] == deployment["metadata"]["labels"]
+    assert config_map["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    data = config_map["data"]
+    assert set(data) == DESIRED_KEYS
+    assert (data["model_id"], data["revision"]) == (model_id, revision)
+    assert all(value == "" for key, value in data.items() if key not in ("model_id", "revision"))
+    # The pods do not carry the model: changing it must not restart them (the replicas swap in place).
+    assert env_name("model") not in env(docs) and env_name("revision") not in env(docs)
+
+
+def test_cluster_mode_settings_reach_the_server(full_docs) -> None:
+    values = env(full_docs)
+    assert values[f"{ENV_PREFIX}CLUSTER_MODE"] == "true"
+    assert values[f"{ENV_PREFIX}CLUSTER_CONFIGMAP"] == "chat-desired-model"
+    assert values[f"{ENV_PREFIX}CLUSTER_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert values[f"{ENV_PREFIX}POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    # The label selector the server lists its fleet with picks exactly the Deployment's pods.
+    selector = dict(term.split("=") for term in values[f"{ENV_PREFIX}CLUSTER_POD_SELECTOR"].split(","))
+    assert selector == one(full_docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert selector["app.kubernetes.io/instance"] == "chat"
+
+
+@pytest.mark.skipif(
+    "cluster_mode" not in Settings.model_fields, reason="the cluster-mode settings land with the fleet server"
+)
+def test_every_serving_env_var_is_a_server_setting(default_docs) -> None:
+    settings = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    assert {name for name in env(default_docs) if name.startswith(ENV_PREFIX)} <= settings
+
+
+def test_role_grants_only_what_a_replica_needs(docs) -> None:
+    role = one(docs, "Role")
+    config_map = named(docs, "ConfigMap", env(docs)[f"{ENV_PREFIX}CLUSTER_CONFIGMAP"])
+    assert role["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": [config_map["metadata"]["name"]],
+            "verbs": ["get", "list", "watch", "patch"],
+        },
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]},
+    ]
+    assert role["metadata"]["namespace"] == config_map["metadata"]["namespace"]
+
+
+def test_role_binding_binds_the_role_to_the_pods_service_account(docs) -> None:
+    binding, role = one(docs, "RoleBinding"), one(docs, "Role")
+    account = one(docs, "ServiceAccount")["metadata"]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account["name"], "namespace": account["namespace"]}
+    ]
+    assert pod_spec(docs)["serviceAccountName"] == account["name"]
+
+
+def test_token_is_projected_short_lived_and_never_automounted(docs) -> None:
+    pod = pod_spec(docs)
+    assert pod["automountServiceAccountToken"] is False
+    assert one(docs, "ServiceAccount")["automountServiceAccountToken"] is False
+    [mount] = [m for m in container(docs)["volumeMounts"] if m["mountPath"] == SERVICE_ACCOUNT_DIR]
+    assert mount["readOnly"] is True
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["projected"]["sources"] == [
+        {"serviceAccountToken": {"path": "token", "expirationSeconds": 3600}},
+        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {
+            "downwardAPI": {
+                "items": [
+                    {"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}
+                ]
+            }
+        },
+    ]
+
+
+def test_network_policy_leaves_egress_to_the_api_server_open(docs) -> None:
+    # The policy governs ingress only; egress (hub downloads, the API server on 443/6443) stays open.
+    assert one(docs, "NetworkPolicy")["spec"]["policyTypes"] == ["Ingress"]
+
+
+def test_without_cluster_mode_no_fleet_objects_token_or_settings(tmp_path: Path) -> None:
+    docs = synthesize(
+        tmp_path, "--no-cluster-mode", "--no-monitoring", "--model", "org/m", "--revision", "v2"
+    )
+    assert kinds(docs) == ["Deployment", "NetworkPolicy", "Service", "ServiceAccount"]
+    assert (env(docs)[env_name("model")], env(docs)[env_name("revision")]) == ("org/m", "v2")
+    assert not [name for name in env(docs) if "CLUSTER" in name or name == f"{ENV_PREFIX}POD_NAME"]
+    assert pod_spec(docs)["automountServiceAccountToken"] is False
+    assert not [v for v in pod_spec(docs)["volumes"] if "projected" in v]
+    assert SERVICE_ACCOUNT_DIR not in {m["mountPath"] for m in container(docs)["volumeMounts"]}
+
+
+def test_cluster_mode_needs_the_chart_namespace() -> None:
+    chart = cdk8s.Chart(cdk8s.App(), "chart")  # no namespace: the RoleBinding could not name the account
+    with pytest.raises(ValueError, match="namespace"):
+        ModelServer(chart, "server")
+    assert ModelServer(chart, "independent", cluster_mode=False).role is None
 
 
 # --- the hook into dashboards/ ---------------------------------------------------------------------
@@ -361,7 +514,7 @@ def test_explicit_rules_and_dashboards_win() -> None:
     )
     docs = cdk8s.Testing.synth(chart)
     assert one(docs, "PrometheusRule")["spec"]["groups"] == [group]
-    assert one(docs, "ConfigMap")["data"] == {"a.json": "{}"}
+    assert dashboards_config_map(docs)["data"] == {"a.json": "{}"}
 
 
 # --- validation ------------------------------------------------------------------------------------
