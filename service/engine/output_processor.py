@@ -51,8 +51,11 @@ class OutputProcessor:
         elif seq.last_token_at is not None:
             self._metrics.next_token(now - seq.last_token_at)
         seq.last_token_at = now
-        text = seq.add_token(token, is_eos)
-        self._outbox.append((seq.stream, TokenDelta(text=text, token_ids=(token,))))
+        text = ""
+        try:
+            text = seq.add_token(token, is_eos)
+        finally:  # the token was generated (and counts in usage) even if its text could not be made
+            self._outbox.append((seq.stream, TokenDelta(text=text, token_ids=(token,))))
 
     def release_tail(self, seq: Sequence) -> None:
         """Queue the text a finished ``seq`` held back (may raise from the tokenizer)."""

@@ -67,7 +67,12 @@ class Sequence:
         if is_eos:
             self.finish_reason = FinishReason.STOP
             return self.release_tail()
-        text, stopped = self._matcher.push(self._detokenizer.push(token_id))
+        try:
+            piece = self._detokenizer.push(token_id)
+        except Exception:
+            self._detokenizer = None  # its state is unknown now: release nothing more from it
+            raise
+        text, stopped = self._matcher.push(piece)
         if stopped:
             self.finish_reason = FinishReason.STOP
         elif len(self.output_ids) >= self.max_new_tokens:
