@@ -6,6 +6,7 @@ that says why and refuses new work; a stuck thread still cannot hold a request p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import threading
@@ -35,6 +36,17 @@ def handle(tiny_model_a: Path) -> ModelHandle:
     return dataclasses.replace(loaded, eos_token_ids=frozenset({-1}))
 
 
+@contextlib.asynccontextmanager
+async def started(**options: Any) -> AsyncIterator[Engine]:
+    """An engine built with ``options``, running for the ``async with`` block."""
+    engine = Engine(**options)
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop()
+
+
 @pytest.fixture
 def metrics() -> ServingMetrics:
     return ServingMetrics.create(default_collectors=False)
@@ -42,10 +54,8 @@ def metrics() -> ServingMetrics:
 
 @pytest.fixture
 async def engine(metrics: ServingMetrics) -> AsyncIterator[Engine]:
-    engine = Engine(max_running=8, max_queued=8, request_timeout_s=60.0, metrics=metrics)
-    await engine.start()
-    yield engine
-    await engine.stop()
+    async with started(max_running=8, max_queued=8, metrics=metrics) as engine:
+        yield engine
 
 
 @pytest.fixture
@@ -213,9 +223,7 @@ async def test_a_kv_cache_surgery_fault_ends_the_rows_it_broke(
 async def test_a_killed_scheduler_thread_leaves_a_dead_engine_that_says_why(
     handle: ModelHandle, metrics: ServingMetrics, patch_forward: Any
 ) -> None:
-    engine = Engine(max_running=1, max_queued=4, metrics=metrics)
-    await engine.start()
-    try:
+    async with started(max_running=1, max_queued=4, metrics=metrics) as engine:
         running = engine.submit(
             handle, ids(handle, PROMPTS[0]), dataclasses.replace(TOKENS, max_tokens=10**6)
         )
@@ -237,15 +245,11 @@ async def test_a_killed_scheduler_thread_leaves_a_dead_engine_that_says_why(
             engine.submit(handle, ids(handle, PROMPTS[0]), TOKENS)
         assert engine.num_running == engine.num_waiting == 0
         assert await engine.drain(timeout_s=5)
-    finally:
-        await engine.stop()
 
 
 async def test_a_stuck_scheduler_still_cannot_hold_a_request_past_its_deadline(
     handle: ModelHandle, patch_forward: Any
 ) -> None:
-    engine = Engine(request_timeout_s=0.2)
-    await engine.start()
     release = threading.Event()
     stuck = threading.Event()
 
@@ -255,11 +259,11 @@ async def test_a_stuck_scheduler_still_cannot_hold_a_request_past_its_deadline(
         return original(*args, **kwargs)
 
     patch_forward(hang)
-    try:
-        run = await asyncio.wait_for(consume(engine.submit(handle, ids(handle, "hi"), TOKENS)), 30)
-        assert stuck.is_set()
-        assert run.result.finish_reason is FinishReason.TIMEOUT and run.result.error
-        assert run.result.timings is not None
-    finally:
-        release.set()
-        await engine.stop()
+    async with started(request_timeout_s=0.2) as engine:
+        try:
+            run = await asyncio.wait_for(consume(engine.submit(handle, ids(handle, "hi"), TOKENS)), 30)
+            assert stuck.is_set()
+            assert run.result.finish_reason is FinishReason.TIMEOUT and run.result.error
+            assert run.result.timings is not None
+        finally:
+            release.set()

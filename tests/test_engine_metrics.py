@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.engine import Engine, FinishReason, GenerationResult, SamplingParams
+from service.engine import FinishReason, GenerationResult, SamplingParams
 from service.handle import ModelHandle
 from service.metrics import (
     E2E_REQUEST_LATENCY_SECONDS,
@@ -28,6 +28,7 @@ from service.metrics import (
     ServingMetrics,
 )
 from tests.test_engine import PROMPTS, consume, ids, load_handle, sample_value
+from tests.test_engine_faults import started
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +59,11 @@ def assert_timings_add_up(result: GenerationResult) -> None:
 
 async def test_request_phase_metrics_move_by_the_request_mix(handle: ModelHandle) -> None:
     metrics = ServingMetrics.create(default_collectors=False)
-    engine = Engine(max_running=4, metrics=metrics)
-    await engine.start()
 
     def value(name: str, **labels: str) -> float:
         return sample_value(metrics, name, **labels)
 
-    try:
+    async with started(max_running=4, metrics=metrics) as engine:
         assert value(MAX_RUNNING_REQUESTS) == 4 and value(ENGINE_HEALTHY) == 1
         assert value(KV_CACHE_TOKENS) == 0
         prompts = [ids(handle, p) for p in PROMPTS]
@@ -105,15 +104,11 @@ async def test_request_phase_metrics_move_by_the_request_mix(handle: ModelHandle
 
         for result in results:
             assert_timings_add_up(result)
-    finally:
-        await engine.stop()
 
 
 async def test_a_request_that_never_ran_has_queue_time_only(handle: ModelHandle) -> None:
     metrics = ServingMetrics.create(default_collectors=False)
-    engine = Engine(max_running=1, metrics=metrics)
-    await engine.start()
-    try:
+    async with started(max_running=1, metrics=metrics) as engine:
         prompt = ids(handle, PROMPTS[0])
         running = engine.submit(handle, prompt, SamplingParams(max_tokens=10**6, temperature=0.0))
         first = await anext(aiter(running))
@@ -131,5 +126,3 @@ async def test_a_request_that_never_ran_has_queue_time_only(handle: ModelHandle)
         assert sample_value(metrics, REQUEST_QUEUE_TIME_SECONDS + "_count") == 1
         assert sample_value(metrics, REQUEST_PREFILL_TIME_SECONDS + "_count") == 1
         assert sample_value(metrics, E2E_REQUEST_LATENCY_SECONDS + "_count", finish_reason="cancelled") == 2
-    finally:
-        await engine.stop()
