@@ -84,6 +84,22 @@ async def assert_still_serving(engine: Engine, handle: ModelHandle, reference: R
     assert engine._thread is not None and engine._thread.is_alive()
 
 
+LONG = dataclasses.replace(TOKENS, max_tokens=40)
+
+
+async def sharing_steps(
+    engine: Engine,
+    handle: ModelHandle,
+    first: tuple[list[int], SamplingParams],
+    second: tuple[list[int], SamplingParams],
+) -> tuple[Run, Run]:
+    """Two requests sure to share decode steps: the second joins once the first (row 0) has a token."""
+    running = engine.submit(handle, *first)
+    delta = await anext(aiter(running))
+    joining = engine.submit(handle, *second)
+    return await consume(running, delta), await consume(joining)
+
+
 class FlakyTokenizer:
     """A tokenizer whose ``decode`` raises once (as a fast tokenizer shared between threads can:
     "Already borrowed"), then works."""
@@ -146,22 +162,19 @@ async def test_a_forward_fault_in_decode_ends_its_batch(
     engine: Engine, handle: ModelHandle, metrics: ServingMetrics, patch_forward: Any
 ) -> None:
     reference = await run_alone(engine, handle, ids(handle, PROMPTS[0]), TOKENS)
-    calls = 0
 
-    def fail_third_decode(original: Any, *args: Any, **kwargs: Any) -> Any:
-        nonlocal calls
-        if kwargs["input_ids"].shape[1] == 1:
-            calls += 1
-            if calls == 3:
-                raise RuntimeError("out of memory")
+    def fail_a_two_row_decode(original: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs["input_ids"].shape == (2, 1):
+            patch_forward(lambda original, *a, **k: original(*a, **k))
+            raise RuntimeError("out of memory")
         return original(*args, **kwargs)
 
-    patch_forward(fail_third_decode)
-    runs = await asyncio.gather(
-        *(consume(engine.submit(handle, ids(handle, p), TOKENS)) for p in PROMPTS[:2])
+    patch_forward(fail_a_two_row_decode)
+    runs = await sharing_steps(
+        engine, handle, (ids(handle, PROMPTS[0]), LONG), (ids(handle, PROMPTS[1]), TOKENS)
     )
     # The shared cache may be half-updated when a decode step raises: every row of it ends.
-    assert {r.result.finish_reason for r in runs} == {FinishReason.ERROR}
+    assert [r.result.finish_reason for r in runs] == [FinishReason.ERROR] * 2
     assert failures(metrics, "decode") == 1
     await assert_still_serving(engine, handle, reference)
 
@@ -169,8 +182,9 @@ async def test_a_forward_fault_in_decode_ends_its_batch(
 async def test_nan_logits_end_only_their_row(
     engine: Engine, handle: ModelHandle, metrics: ServingMetrics, patch_forward: Any
 ) -> None:
-    prompts = [ids(handle, p) for p in PROMPTS[:2]]
-    alone = [await run_alone(engine, handle, p, TOKENS) for p in prompts]
+    jobs = [(ids(handle, PROMPTS[0]), LONG), (ids(handle, PROMPTS[1]), TOKENS)]
+    alone = [await run_alone(engine, handle, *job) for job in jobs]
+    reference = await run_alone(engine, handle, jobs[0][0], TOKENS)
     armed = True
 
     def nan_in_row_0(original: Any, *args: Any, **kwargs: Any) -> Any:
@@ -182,15 +196,13 @@ async def test_nan_logits_end_only_their_row(
         return out
 
     patch_forward(nan_in_row_0)
-    runs = await asyncio.gather(*(consume(engine.submit(handle, p, TOKENS)) for p in prompts))
+    broken, ok = await sharing_steps(engine, handle, *jobs)
 
-    assert not armed  # both requests did share a decode step
-    errors = [r for r in runs if r.result.finish_reason is FinishReason.ERROR]
-    assert len(errors) == 1 and "NaN" in (errors[0].result.error or "")
-    (ok,) = [(r, a) for r, a in zip(runs, alone, strict=True) if r not in errors]
-    assert ok[0].token_ids == ok[1].token_ids
+    assert not armed
+    assert broken.result.finish_reason is FinishReason.ERROR and "NaN" in (broken.result.error or "")
+    assert ok.token_ids == alone[1].token_ids  # the other row of the same step went on untouched
     assert failures(metrics, "sample") == 1
-    await assert_still_serving(engine, handle, alone[0])
+    await assert_still_serving(engine, handle, reference)
 
 
 async def test_a_kv_cache_surgery_fault_ends_the_rows_it_broke(
@@ -209,9 +221,9 @@ async def test_a_kv_cache_surgery_fault_ends_the_rows_it_broke(
         return surgery(batch)
 
     monkeypatch.setattr(HandleBatch, "remove_finished", fail_midway)
-    short, long = await asyncio.gather(
-        consume(engine.submit(handle, ids(handle, PROMPTS[1]), dataclasses.replace(TOKENS, max_tokens=2))),
-        consume(engine.submit(handle, ids(handle, PROMPTS[2]), dataclasses.replace(TOKENS, max_tokens=30))),
+    short_params = dataclasses.replace(TOKENS, max_tokens=2)
+    long, short = await sharing_steps(
+        engine, handle, (ids(handle, PROMPTS[2]), LONG), (ids(handle, PROMPTS[1]), short_params)
     )
     assert not armed
     assert short.result.finish_reason is FinishReason.LENGTH  # it had finished: its result stands
