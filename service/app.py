@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import torch
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -17,6 +18,9 @@ from service.settings import Settings
 
 
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    if threads := app[keys.SETTINGS].torch_threads:
+        # Once, before anything runs: the scheduler thread copies it, models load with it.
+        torch.set_num_threads(threads)
     engine = app[keys.ENGINE]
     await engine.start()
     yield

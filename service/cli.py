@@ -69,22 +69,24 @@ async def serve(settings: Settings) -> None:
     # handler_cancellation: a client that disconnects cancels its handler, which frees its batch slot.
     runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
-    log.info("listening", extra={"host": settings.host, "port": settings.port})
+    try:  # whatever ends serving (a port in use included), the engine and the models are torn down
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        log.info("listening", extra={"host": settings.host, "port": settings.port})
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
 
-    gate = app[keys.GATE]
-    gate.close()
-    log.info("draining", extra={"in_flight": gate.in_flight, "grace_s": settings.shutdown_grace_s})
-    drained = await gate.wait_idle(settings.shutdown_grace_s)
-    log.info("drained" if drained else "grace period over", extra={"in_flight": gate.in_flight})
-    await runner.cleanup()
+        gate = app[keys.GATE]
+        gate.close()
+        log.info("draining", extra={"in_flight": gate.in_flight, "grace_s": settings.shutdown_grace_s})
+        drained = await gate.wait_idle(settings.shutdown_grace_s)
+        log.info("drained" if drained else "grace period over", extra={"in_flight": gate.in_flight})
+    finally:
+        await runner.cleanup()
     log.info("stopped")
 
 

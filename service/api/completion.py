@@ -8,7 +8,7 @@ from aiohttp import web
 
 from service.api import paths
 from service.api.errors import parse_body
-from service.api.generation import Admitted, admit, collect, sse_stream, usage_of
+from service.api.generation import Admitted, admit, collect, sse_stream, timings_of, usage_of
 from service.api.protocol import (
     AssistantMessage,
     CompletionChunk,
@@ -25,7 +25,7 @@ async def completion(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, CompletionRequest)
     admitted = admit(request, body.messages, body, body.max_tokens)
     if body.stream:
-        return await sse_stream(request, admitted, _chunks(admitted))
+        return await sse_stream(request, admitted, _chunks(request, admitted))
     result = await collect(admitted)
     response = CompletionResponse(
         id=admitted.stream.request_id,
@@ -33,11 +33,13 @@ async def completion(request: web.Request) -> web.StreamResponse:
         message=AssistantMessage(content=result.text),
         finish_reason=result.finish_reason.value,
         usage=usage_of(result),
-    )
-    return web.json_response(response.model_dump(), headers={"X-Request-Id": admitted.stream.request_id})
+    ).model_dump()
+    if timings := timings_of(request, result):
+        response["timings"] = timings
+    return web.json_response(response, headers={"X-Request-Id": admitted.stream.request_id})
 
 
-async def _chunks(admitted: Admitted) -> AsyncIterator[dict]:
+async def _chunks(request: web.Request, admitted: Admitted) -> AsyncIterator[dict]:
     stream = admitted.stream
     async for delta in stream:
         if delta.text:
@@ -46,7 +48,7 @@ async def _chunks(admitted: Admitted) -> AsyncIterator[dict]:
             )
     result = stream.result
     assert result is not None
-    yield CompletionChunk(
+    last = CompletionChunk(
         id=stream.request_id,
         model=admitted.model_id,
         delta="",
@@ -54,3 +56,6 @@ async def _chunks(admitted: Admitted) -> AsyncIterator[dict]:
         usage=usage_of(result),
         error=ErrorDetail(type="generation_error", message=result.error) if result.error else None,
     ).model_dump(exclude_none=True)
+    if timings := timings_of(request, result):
+        last["timings"] = timings
+    yield last

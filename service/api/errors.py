@@ -49,6 +49,16 @@ def shutting_down() -> ApiError:
     )
 
 
+def engine_dead(reason: str) -> ApiError:
+    """The generation engine's scheduler has died: this replica serves nothing until it restarts."""
+    return ApiError(
+        503,
+        f"the generation engine has stopped ({reason}); this replica must restart, retry on another",
+        type="engine_dead",
+        headers={"Retry-After": str(DRAIN_RETRY_AFTER_S)},
+    )
+
+
 def model_not_ready() -> ApiError:
     return ApiError(
         503,

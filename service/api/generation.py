@@ -7,14 +7,16 @@ import json
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
 from service.api import keys
-from service.api.errors import ApiError, model_not_ready, shutting_down
+from service.api.errors import ApiError, engine_dead, model_not_ready, shutting_down
 from service.api.protocol import ChatMessage, OpenAIChatMessage, SamplingFields, Usage
 from service.engine import GenerationStream
 from service.engine.types import (
+    EngineDeadError,
     EngineStoppedError,
     FinishReason,
     GenerationResult,
@@ -85,6 +87,8 @@ def admit(
         ) from exc
     except EngineStoppedError as exc:
         raise shutting_down() from exc
+    except EngineDeadError as exc:
+        raise engine_dead(exc.reason) from exc
     request["request_id"] = stream.request_id
     return Admitted(handle, stream)
 
@@ -94,6 +98,32 @@ def usage_of(result: GenerationResult) -> Usage:
     return Usage(
         prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens
     )
+
+
+#: Request header that adds per-request ``timings`` to the response (or the last stream event).
+TIMINGS_HEADER = "X-Timings"
+
+
+def timings_of(request: web.Request, result: GenerationResult) -> dict[str, Any] | None:
+    """llama.cpp-style ``timings`` of ``result`` (milliseconds, tokens, tokens/s) when the request
+    sent ``X-Timings: true``; else None."""
+    t = result.timings
+    if t is None or request.headers.get(TIMINGS_HEADER, "").strip().lower() not in ("1", "true", "yes"):
+        return None
+
+    def ms(seconds: float | None) -> float | None:
+        return None if seconds is None else round(seconds * 1000, 3)
+
+    return {
+        "queue_ms": ms(t.queue_s),
+        "prefill_ms": ms(t.prefill_s),
+        "ttft_ms": ms(t.ttft_s),
+        "decode_ms": ms(t.decode_s),
+        "total_ms": ms(t.total_s),
+        "prompt_tokens": t.prompt_tokens,
+        "completion_tokens": t.completion_tokens,
+        "decode_tokens_per_s": t.decode_tokens_per_s,
+    }
 
 
 async def collect(admitted: Admitted) -> GenerationResult:

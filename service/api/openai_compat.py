@@ -10,7 +10,7 @@ from aiohttp import web
 
 from service.api import keys, paths
 from service.api.errors import ApiError, parse_body
-from service.api.generation import Admitted, admit, collect, sse_stream, usage_of
+from service.api.generation import Admitted, admit, collect, sse_stream, timings_of, usage_of
 from service.api.protocol import (
     AssistantMessage,
     OpenAIChatRequest,
@@ -42,7 +42,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     created = int(time.time())
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-        return await sse_stream(request, admitted, _chunks(admitted, chat_id, created, include_usage))
+        return await sse_stream(
+            request, admitted, _chunks(request, admitted, chat_id, created, include_usage)
+        )
     result = await collect(admitted)
     response = OpenAIChatResponse(
         id=chat_id,
@@ -56,11 +58,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             )
         ],
         usage=usage_of(result),
-    )
-    return web.json_response(response.model_dump())
+    ).model_dump()
+    if timings := timings_of(request, result):
+        response["timings"] = timings
+    return web.json_response(response)
 
 
-async def _chunks(admitted: Admitted, chat_id: str, created: int, include_usage: bool) -> AsyncIterator[Any]:
+async def _chunks(
+    request: web.Request, admitted: Admitted, chat_id: str, created: int, include_usage: bool
+) -> AsyncIterator[Any]:
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {
             "id": chat_id,
@@ -82,11 +88,15 @@ async def _chunks(admitted: Admitted, chat_id: str, created: int, include_usage:
     result = stream.result
     assert result is not None
     if result.finish_reason is FinishReason.ERROR:
-        yield {"error": {"type": "generation_error", "message": result.error}}
+        last = [{"error": {"type": "generation_error", "message": result.error}}]
     else:
-        yield chunk(choice({}, _finish_reason(result.finish_reason)))
+        last = [chunk(choice({}, _finish_reason(result.finish_reason)))]
     if include_usage:
-        yield chunk([], usage=usage_of(result).model_dump())
+        last.append(chunk([], usage=usage_of(result).model_dump()))
+    if timings := timings_of(request, result):
+        last[-1]["timings"] = timings
+    for event in last:
+        yield event
     yield "[DONE]"
 
 

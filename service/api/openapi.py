@@ -74,7 +74,13 @@ ENDPOINTS = (
         admin=True,
     ),
     Endpoint("get", paths.STATUS, "Deployment status and history", protocol.StatusResponse),
-    Endpoint("get", paths.HEALTHZ, "Liveness probe", protocol.HealthResponse),
+    Endpoint(
+        "get",
+        paths.HEALTHZ,
+        "Liveness probe (503 once the engine has died)",
+        protocol.HealthResponse,
+        errors=(503,),
+    ),
     Endpoint(
         "get",
         paths.READYZ,

@@ -3,6 +3,7 @@
 from service.engine.engine import Engine
 from service.engine.stream import GenerationStream
 from service.engine.types import (
+    EngineDeadError,
     EngineError,
     EngineStoppedError,
     FinishReason,
@@ -16,6 +17,7 @@ from service.engine.types import (
 
 __all__ = [
     "Engine",
+    "EngineDeadError",
     "EngineError",
     "EngineStoppedError",
     "FinishReason",

@@ -19,6 +19,10 @@ from service.engine.sequence import Sequence
 from service.handle import ModelHandle
 
 
+class CacheError(Exception):
+    """The KV-cache surgery of a batch failed midway: every row of that batch is lost."""
+
+
 class HandleBatch:
     """Sequences of one :class:`ModelHandle` that share each forward pass."""
 
@@ -42,7 +46,8 @@ class HandleBatch:
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
         """Run the prompts of ``seqs`` and add them as new rows; return their next-token logits.
 
-        The batch is left unchanged if the forward pass raises.
+        The batch is left unchanged if the forward pass raises; :class:`CacheError` if splicing the new
+        rows into the shared cache failed (the other rows' cache may be broken too).
         """
         width = max(len(s.prompt_ids) for s in seqs)
         ids = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -60,7 +65,11 @@ class HandleBatch:
             use_cache=True,
             logits_to_keep=1,  # the lm head over the whole prompt would cost more than the prompt itself
         )
-        self._splice(cache, mask)
+        _check_layers(cache)
+        try:
+            self._splice(cache, mask)
+        except Exception as exc:
+            raise CacheError(f"splicing {len(seqs)} new rows into the KV cache failed: {exc}") from exc
         self.seqs.extend(seqs)
         return out.logits[:, -1, :]
 
@@ -84,9 +93,8 @@ class HandleBatch:
         if not done:
             return done
         keep = [row for row, s in enumerate(self.seqs) if not s.finished]
-        self.seqs = [self.seqs[row] for row in keep]
-        if not self.seqs:
-            self._cache = self._mask = None
+        if not keep:
+            self.seqs, self._cache, self._mask = [], None, None
             return done
         assert self._cache is not None and self._mask is not None
         rows = torch.tensor(keep, device=self.device)
@@ -97,12 +105,17 @@ class HandleBatch:
         for layer in self._cache.layers:
             layer.keys = layer.keys[rows, :, first:]
             layer.values = layer.values[rows, :, first:]
+        # Last: if the surgery above raises, ``seqs`` still names every row the broken cache held.
+        self.seqs = [self.seqs[row] for row in keep]
         return done
 
+    @property
+    def cache_tokens(self) -> int:
+        """Token positions the KV cache holds (rows x columns, left padding included)."""
+        mask = self._mask  # read from the scrape thread: one attribute load, no lock
+        return 0 if mask is None else mask.numel()
+
     def _splice(self, cache: DynamicCache, mask: torch.Tensor) -> None:
-        if not all(type(layer) is DynamicLayer for layer in cache.layers):
-            # Sliding-window and other special layers keep state that left-padding would corrupt.
-            raise NotImplementedError("batching needs a model whose cache layers are all full-attention")
         if self._cache is None or self._mask is None:
             self._cache, self._mask = cache, mask
             return
@@ -112,6 +125,12 @@ class HandleBatch:
             old.keys = torch.cat([_left_pad(old.keys, pad_old), _left_pad(new.keys, pad_new)])
             old.values = torch.cat([_left_pad(old.values, pad_old), _left_pad(new.values, pad_new)])
         self._mask = torch.cat([F.pad(self._mask, (pad_old, 0)), F.pad(mask, (pad_new, 0))])
+
+
+def _check_layers(cache: DynamicCache) -> None:
+    if not all(type(layer) is DynamicLayer for layer in cache.layers):
+        # Sliding-window and other special layers keep state that left-padding would corrupt.
+        raise NotImplementedError("batching needs a model whose cache layers are all full-attention")
 
 
 def _left_pad(kv: torch.Tensor, columns: int) -> torch.Tensor:

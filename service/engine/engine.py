@@ -1,48 +1,46 @@
-"""The generation engine: a bounded queue and one scheduler thread doing iteration-level batching.
+"""The generation engine: one scheduler thread doing iteration-level batching, in three rooms.
 
-Every scheduler iteration (1) drops cancelled and timed-out requests, (2) admits waiting requests
-into free slots and prefills them, and (3) runs one decode step for every running sequence of
-each model handle. A request therefore joins the shared batch at the next step rather than
-waiting for the batch to drain, and leaves it the moment it finishes. Sequences of different
-handles never share a forward pass; a handle is forgotten (with its KV cache) as soon as its
-last sequence ends, so a swapped-out model can be freed.
+Every scheduler iteration (a *step*) asks the :class:`Scheduler` for a plan (drop cancelled and
+timed-out requests, admit waiting ones into free slots), has the :class:`ModelRunner` execute it
+(prefill the admitted prompts, one decode step for every running sequence of each model handle,
+sampling), and gives the sampled tokens to the :class:`OutputProcessor` (detokenizing, stop
+strings, deliveries, metrics). A request therefore joins the shared batch at the next step rather
+than waiting for the batch to drain, and leaves it the moment it finishes. Calls go one way: this
+facade calls the three rooms; they never call each other or back.
 
-Model work runs only on the scheduler thread; the event loop only enqueues and receives
-results (through ``call_soon_threadsafe``), so generation never blocks it.
+Crash barrier: each stage of a step runs under a guard. A failure ends only the requests it
+touched (an error result) and is counted in ``engine_step_failures{stage}``; the step goes on. If
+the thread dies anyway, :attr:`Engine.failure` says why, every outstanding request ends with an
+error and :meth:`Engine.submit` raises :class:`EngineDeadError`. Deadlines hold whatever the thread
+does: a timer on the event loop ends a request its scheduler has not ended in time.
+
+Model work runs only on the scheduler thread; the event loop only enqueues and receives results
+(through ``call_soon_threadsafe``), so generation never blocks it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
-import math
 import threading
 import time
 import uuid
-from collections import deque
 
 import torch
 
-from service.engine.batch import HandleBatch
-from service.engine.sampling import sample_next_tokens
+from service.engine.batch import CacheError
+from service.engine.model_runner import ModelRunner
+from service.engine.output_processor import OutputProcessor
+from service.engine.scheduler import Scheduler
 from service.engine.sequence import Sequence
 from service.engine.stream import GenerationStream
-from service.engine.types import (
-    EngineStoppedError,
-    FinishReason,
-    GenerationResult,
-    QueueFullError,
-    SamplingParams,
-    TokenDelta,
-)
+from service.engine.telemetry import EngineMetrics, PrometheusEngineMetrics
+from service.engine.types import FinishReason, SamplingParams
 from service.handle import ModelHandle
 from service.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
-
-_Delivery = tuple[GenerationStream, TokenDelta | GenerationResult]
 
 
 class Engine:
@@ -60,82 +58,73 @@ class Engine:
         self.max_running = max_running
         self.max_queued = max_queued
         self.request_timeout_s = request_timeout_s
-        self._metrics = metrics
-        self._lock = threading.Condition()
-        # Guarded by _lock: requests not yet admitted, requests not yet finished (waiting + running).
-        self._waiting: deque[Sequence] = deque()
-        self._outstanding = 0
-        self._running = 0
-        self._accepting = False
-        self._stopping = False
-        # Owned by the scheduler thread.
-        self._batches: dict[ModelHandle, HandleBatch] = {}
-        self._outbox: list[_Delivery] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._metrics = EngineMetrics() if metrics is None else PrometheusEngineMetrics(metrics)
+        self._scheduler = Scheduler(max_running, max_queued, request_timeout_s, self._metrics)
+        self._runner = ModelRunner()
+        self._output = OutputProcessor(self._metrics, on_delivered=self._check_idle)
         self._thread: threading.Thread | None = None
         self._idle = asyncio.Event()  # set while nothing is outstanding (what drain() waits for)
         self._idle.set()
         self._ids = itertools.count()
-        self._mean_request_s = 1.0  # moving average, for Retry-After
+        self._metrics.watch(self)
 
     # ----------------------------------------------------------------------------- public API (event loop)
 
     @property
     def num_running(self) -> int:
-        return self._running
+        return self._scheduler.num_running
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return self._scheduler.num_waiting
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        """Token positions held in the KV caches now (rows x columns, left padding included)."""
+        return self._runner.cache_tokens
+
+    @property
+    def failure(self) -> str | None:
+        """None while the scheduler thread lives; why it died, once it has."""
+        return self._scheduler.failure
 
     async def start(self) -> None:
         """Start the scheduler thread (it inherits the caller's ``torch.get_num_threads()``)."""
         if self._thread is not None:
             return
-        self._loop = asyncio.get_running_loop()
-        self._accepting = True
+        self._output.bind(asyncio.get_running_loop())
+        self._scheduler.open()
         self._thread = threading.Thread(
             target=self._run, args=(torch.get_num_threads(),), name="engine-scheduler", daemon=True
         )
         self._thread.start()
 
     def submit(self, handle: ModelHandle, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
-        """Queue a request; raises :class:`QueueFullError` or :class:`EngineStoppedError` at once."""
+        """Queue a request; raises :class:`QueueFullError`, :class:`EngineStoppedError` or
+        :class:`EngineDeadError` at once."""
         if not prompt_ids:
             raise ValueError("prompt_ids is empty")
         request_id = f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         stream = GenerationStream(request_id, self._on_cancel)
         now = time.monotonic()
-        with self._lock:
-            if not self._accepting:
-                self._count_rejected("shutting_down")
-                raise EngineStoppedError("the engine is not accepting requests")
-            # Bounding waiting + running (rather than waiting alone) keeps the limit exact even while
-            # the scheduler is between admitting and running.
-            if self._outstanding >= self.max_running + self.max_queued:
-                self._count_rejected("queue_full")
-                raise QueueFullError(self._retry_after_s())
-            self._waiting.append(
-                Sequence(
-                    request_id=request_id,
-                    handle=handle,
-                    prompt_ids=list(prompt_ids),
-                    params=params,
-                    stream=stream,
-                    submitted_at=now,
-                    deadline=now + self.request_timeout_s,
-                )
-            )
-            self._outstanding += 1
-            self._idle.clear()
-            self._set_gauges()
-            self._lock.notify()
+        seq = Sequence(
+            request_id=request_id,
+            handle=handle,
+            prompt_ids=list(prompt_ids),
+            params=params,
+            stream=stream,
+            submitted_at=now,
+            deadline=now + self.request_timeout_s,
+            submitted_wall=time.time(),
+        )
+        self._scheduler.add(seq)
+        self._idle.clear()
+        self._output.watch(seq)
         return stream
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop admitting requests, wait up to ``timeout_s`` for those in flight; True if all finished."""
-        with self._lock:
-            self._accepting = False
+        self._scheduler.close()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
         except TimeoutError:
@@ -144,228 +133,168 @@ class Engine:
 
     async def stop(self) -> None:
         """Cancel whatever is left and stop the scheduler thread."""
-        with self._lock:
-            self._accepting = False
-            self._stopping = True
-            self._lock.notify()
+        self._scheduler.stop()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
 
+    def _on_cancel(self, stream: GenerationStream) -> None:
+        self._scheduler.wake()
+
+    def _check_idle(self) -> None:
+        # Checked on the loop after a delivery, so a racing submit() wins.
+        if self._scheduler.outstanding == 0:
+            self._idle.set()
+
     # ----------------------------------------------------------------------------- scheduler thread
 
     def _run(self, num_threads: int) -> None:
-        torch.set_num_threads(num_threads)  # the setting is per thread for OpenMP builds
-        while self._wait_for_work():
-            # Each iteration is its own call, so no local reference to a handle outlives it.
-            with torch.inference_mode():
-                self._iteration()
-        self._shutdown()
-
-    def _wait_for_work(self) -> bool:
-        with self._lock:
-            while not (self._stopping or self._waiting or self._batches):
-                self._lock.wait()
-            return not self._stopping
-
-    def _iteration(self) -> None:
-        now = time.monotonic()
-        for batch in self._batches.values():
-            for seq in batch.seqs:
-                self._check_abandoned(seq, now)
-            self._retire(batch)
-        for handle, seqs in self._admit(now).items():
-            batch = self._batches.get(handle) or self._new_batch(handle, seqs)
-            if batch is not None:
-                self._batches[handle] = batch
-                self._prefill(batch, seqs)
-        for batch in self._batches.values():
-            if batch.seqs:
-                self._decode(batch)
-        self._batches = {h: b for h, b in self._batches.items() if b.seqs}
-        with self._lock:
-            self._set_gauges()
-
-    def _admit(self, now: float) -> dict[ModelHandle, list[Sequence]]:
-        """Move waiting requests into free slots (FIFO), grouped by handle; finish abandoned ones."""
-        admitted: dict[ModelHandle, list[Sequence]] = {}
-        with self._lock:
-            # Sweep the whole queue, so a cancelled request frees its place even while all slots are busy.
-            abandoned = [seq for seq in self._waiting if self._check_abandoned(seq, now)]
-            if abandoned:
-                self._waiting = deque(seq for seq in self._waiting if not seq.finished)
-            while self._waiting and self._running < self.max_running:
-                seq = self._waiting.popleft()
-                self._running += 1
-                admitted.setdefault(seq.handle, []).append(seq)
-        for seq in abandoned:
-            self._finish(seq, admitted=False)
-        self._flush()
-        return admitted
-
-    def _new_batch(self, handle: ModelHandle, seqs: list[Sequence]) -> HandleBatch | None:
-        """A batch for a handle not running yet; None (and ``seqs`` ended) if the handle is unusable."""
         try:
-            return HandleBatch(handle)
-        except Exception as exc:
-            log.exception("cannot generate with this model handle")
-            for seq in seqs:
-                seq.finish(FinishReason.ERROR, f"generation failed: {exc}")
-                self._finish(seq, admitted=True)
-            self._flush()
-            return None
+            torch.set_num_threads(num_threads)  # the setting is per thread for OpenMP builds
+            while self._scheduler.wait_for_work(self._runner.busy):
+                # Each step is its own call, so no local reference to a handle outlives it.
+                with torch.inference_mode():
+                    self._step()
+            self._shutdown()
+        except BaseException as exc:  # nothing may end this thread without the engine saying so
+            self._die(exc)
 
-    def _prefill(self, batch: HandleBatch, seqs: list[Sequence]) -> None:
-        ready: list[Sequence] = []
-        for seq in seqs:
-            try:
-                seq.admit(batch.device, batch.context_length)
-                ready.append(seq)
-            except ValueError as exc:
-                seq.finish(FinishReason.ERROR, str(exc))
-                self._finish(seq, admitted=True)
+    def _step(self) -> None:
+        now = time.monotonic()
+        plan = self._scheduler.schedule(now)
+        for seq in plan.abandoned:
+            self._end(seq, now)
+        for handle in self._runner.handles():  # running requests the plan ended
+            self._retire(handle)
+        for handle, seqs in plan.admitted.items():
+            self._prefill(handle, seqs)
+        for handle in self._runner.handles():
+            self._decode(handle)
+        self._output.flush()
+
+    def _prefill(self, handle: ModelHandle, seqs: list[Sequence]) -> None:
+        ready = [seq for seq in seqs if self._admit(handle, seq)]
+        outside = [seq for seq in seqs if seq.finished]  # never joined the batch: end them here
         if ready:
             try:
-                logits = batch.prefill(ready)
-            except Exception as exc:  # a failed prefill ends these requests, not the engine
-                log.exception("prefill failed")
-                for seq in ready:
-                    seq.finish(FinishReason.ERROR, f"generation failed: {exc}")
-                    self._finish(seq, admitted=True)
+                logits = self._runner.prefill(handle, ready)
+            except CacheError as exc:  # the new rows and the batch's other rows are all lost
+                self._lose_batch(handle, "cache", exc, also=ready)
+            except Exception as exc:  # the batch is unchanged: only these requests end
+                self._fail("prefill", ready, exc)
+                outside += ready
             else:
-                if self._metrics is not None:
-                    model_id = batch.handle.info.model_id
-                    self._metrics.prompt_tokens.labels(model_id).inc(sum(len(s.prompt_ids) for s in ready))
-                self._emit_tokens(batch, ready, logits)
-        self._flush()
+                self._metrics.prefilled(handle.info.model_id, sum(len(s.prompt_ids) for s in ready))
+                self._emit(handle, ready, logits)
+        now = time.monotonic()
+        for seq in outside:
+            self._end(seq, now)
+        self._retire(handle)
 
-    def _decode(self, batch: HandleBatch) -> None:
+    def _admit(self, handle: ModelHandle, seq: Sequence) -> bool:
         try:
-            logits = batch.decode()
-        except Exception as exc:  # the shared cache may be half-updated: end the whole batch
-            log.exception("decode step failed")
-            for seq in batch.seqs:
-                seq.finish(FinishReason.ERROR, f"generation failed: {exc}")
-            self._retire(batch)
-            self._flush()
-            return
-        if self._metrics is not None:
-            self._metrics.batch_size.observe(len(batch.seqs))
-        self._emit_tokens(batch, batch.seqs, logits)
-        self._flush()
+            self._runner.admit(handle, seq)
+            return True
+        except ValueError as exc:  # the request's own fault: its prompt leaves no room in the context
+            seq.finish(FinishReason.ERROR, str(exc))
+        except Exception as exc:  # e.g. a handle whose model was torn down
+            self._fail("admit", [seq], exc)
+        return False
 
-    def _emit_tokens(self, batch: HandleBatch, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Sample one token per sequence, queue its delta, and retire sequences that ended."""
+    def _decode(self, handle: ModelHandle) -> None:
         try:
-            tokens = sample_next_tokens(logits, seqs)
-        except Exception as exc:  # e.g. NaN probabilities from a broken model
-            log.exception("sampling failed")
-            for seq in seqs:
-                seq.finish(FinishReason.ERROR, f"sampling failed: {exc}")
-            self._retire(batch)
+            seqs, logits = self._runner.decode(handle)
+        except Exception as exc:  # the shared cache may be half-updated: the whole batch is lost
+            self._lose_batch(handle, "decode", exc)
             return
+        self._metrics.decoded(len(seqs))
+        self._emit(handle, seqs, logits)
+        self._retire(handle)
+
+    def _emit(self, handle: ModelHandle, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Sample one token per sequence and hand it to the output processor."""
+        try:
+            tokens = self._runner.sample(logits, seqs)
+        except Exception as exc:  # e.g. infinite probabilities from a broken model
+            self._fail("sample", seqs, exc)
+            return
+        if nan := [seq for seq, token in zip(seqs, tokens, strict=True) if token is None]:
+            self._fail("sample", nan, FloatingPointError("the model produced NaN logits"))
+        eos_ids = self._runner.eos_ids(handle)
         now = time.monotonic()
         for seq, token in zip(seqs, tokens, strict=True):
-            text = seq.add_token(token, token in batch.eos_ids)
-            self._observe_token(seq, now)
-            self._outbox.append((seq.stream, TokenDelta(text=text, token_ids=(token,))))
-        if self._metrics is not None:
-            self._metrics.generation_tokens.labels(batch.handle.info.model_id).inc(len(seqs))
-        self._retire(batch)
+            if token is not None:
+                try:
+                    self._output.emit(seq, token, token in eos_ids, now)
+                except Exception as exc:  # the tokenizer failed on this request's text
+                    self._fail("detokenize", [seq], exc)
+        self._metrics.generated(handle.info.model_id, len(seqs) - len(nan))
 
-    def _retire(self, batch: HandleBatch) -> None:
-        for seq in batch.remove_finished():
-            self._finish(seq, admitted=True)
+    def _retire(self, handle: ModelHandle) -> None:
+        """End the sequences of ``handle`` that finished, cutting them out of the batch."""
+        try:
+            done = self._runner.retire(handle)
+        except Exception as exc:  # the cache surgery failed midway: the whole batch is lost
+            self._lose_batch(handle, "cache", exc)
+            return
+        now = time.monotonic()
+        for seq in done:
+            self._end(seq, now)
 
-    def _check_abandoned(self, seq: Sequence, now: float) -> bool:
-        """Mark a cancelled or timed-out sequence finished; True if it was."""
-        if seq.stream.cancel_requested:
-            seq.finish(FinishReason.CANCELLED, "the client went away")
-            self._count_cancelled("client_disconnected")
-        elif now >= seq.deadline:
-            seq.finish(FinishReason.TIMEOUT, f"request exceeded {self.request_timeout_s:g}s")
-            self._count_cancelled("timeout")
-        return seq.finished
+    def _lose_batch(
+        self, handle: ModelHandle, stage: str, exc: Exception, also: list[Sequence] | None = None
+    ) -> None:
+        """``handle``'s batch is unusable: drop it, end its requests (unfinished ones with an error)."""
+        seqs = [*self._runner.drop(handle), *(also or [])]
+        self._fail(stage, [seq for seq in seqs if not seq.finished], exc)
+        now = time.monotonic()
+        for seq in seqs:
+            self._end(seq, now)
 
-    def _finish(self, seq: Sequence, *, admitted: bool) -> None:
-        """Queue the tail text and the result of a finished sequence, and release its place (and its
-        batch slot if it was ``admitted``)."""
-        tail = seq.release_tail() if seq.finish_reason is not FinishReason.CANCELLED else ""
-        if tail:
-            self._outbox.append((seq.stream, TokenDelta(text=tail, token_ids=())))
-        result = seq.result()
-        self._outbox.append((seq.stream, result))
-        if self._metrics is not None:
-            self._metrics.requests_finished.labels(result.finish_reason.value).inc()
-        elapsed = time.monotonic() - seq.submitted_at
-        with self._lock:
-            self._outstanding -= 1
-            self._running -= int(admitted)
-            self._mean_request_s += 0.1 * (elapsed - self._mean_request_s)
+    def _fail(self, stage: str, seqs: list[Sequence], exc: Exception) -> None:
+        """The crash barrier: a failure in ``stage`` ends ``seqs`` with an error, and nothing else."""
+        log.error(
+            "engine step failed; its requests end with an error",
+            exc_info=exc,
+            extra={"stage": stage, "request_ids": [seq.request_id for seq in seqs]},
+        )
+        self._metrics.step_failed(stage)
+        for seq in seqs:
+            seq.finish(FinishReason.ERROR, f"generation failed ({stage}): {exc}")
+
+    def _end(self, seq: Sequence, now: float) -> None:
+        """Deliver the tail text and the result of a finished ``seq``, and free its place."""
+        try:
+            self._output.release_tail(seq)
+        except Exception as exc:
+            self._fail("detokenize", [seq], exc)
+        self._output.finish(seq, now)
+        self._scheduler.release(seq, now)
 
     def _shutdown(self) -> None:
         """Cancel everything left (the engine is stopping) and drop every handle."""
-        with self._lock:
-            leftovers = list(self._waiting)
-            self._waiting.clear()
+        leftovers = self._scheduler.take_waiting()
+        for handle in self._runner.handles():
+            leftovers += self._runner.drop(handle)
+        now = time.monotonic()
         for seq in leftovers:
             seq.finish(FinishReason.CANCELLED, "the server is shutting down")
-            self._finish(seq, admitted=False)
-        for batch in self._batches.values():
-            for seq in batch.seqs:
-                seq.finish(FinishReason.CANCELLED, "the server is shutting down")
-            self._retire(batch)
-        self._batches.clear()
-        with self._lock:
-            self._set_gauges()
-        self._flush()
+            self._end(seq, now)
+        self._output.flush()
 
-    # ----------------------------------------------------------------------------- delivery and metrics
-
-    def _flush(self) -> None:
-        """Hand the queued deltas and results to the event loop in one wake-up."""
-        if not self._outbox or self._loop is None:
-            return
-        deliveries, self._outbox = self._outbox, []
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
-            self._loop.call_soon_threadsafe(self._deliver, deliveries)
-
-    def _deliver(self, deliveries: list[_Delivery]) -> None:
-        for stream, item in deliveries:
-            stream._put(item)
-        with self._lock:
-            if self._outstanding == 0:  # checked here, on the loop, so a racing submit() wins
-                self._idle.set()
-
-    def _on_cancel(self, stream: GenerationStream) -> None:
-        with self._lock:
-            self._lock.notify()
-
-    def _observe_token(self, seq: Sequence, now: float) -> None:
-        if self._metrics is not None:
-            if seq.first_token_at is None:
-                self._metrics.time_to_first_token.observe(now - seq.submitted_at)
-            else:
-                assert seq.last_token_at is not None
-                self._metrics.inter_token_latency.observe(now - seq.last_token_at)
-        if seq.first_token_at is None:
-            seq.first_token_at = now
-        seq.last_token_at = now
-
-    def _retry_after_s(self) -> float:
-        """A guess at when a slot frees up: queue length over slots times the mean request time."""
-        waves = (len(self._waiting) + 1) / self.max_running
-        return float(max(1, math.ceil(waves * self._mean_request_s)))
-
-    def _set_gauges(self) -> None:
-        if self._metrics is not None:
-            self._metrics.num_requests_running.set(self._running)
-            self._metrics.num_requests_waiting.set(len(self._waiting))
-
-    def _count_rejected(self, reason: str) -> None:
-        if self._metrics is not None:
-            self._metrics.requests_rejected.labels(reason).inc()
-
-    def _count_cancelled(self, reason: str) -> None:
-        if self._metrics is not None:
-            self._metrics.requests_cancelled.labels(reason).inc()
+    def _die(self, exc: BaseException) -> None:
+        """The thread is ending on an error that escaped the barrier: refuse new requests and end
+        every outstanding one with an error (the deadline backstop covers a failure in here)."""
+        reason = f"{type(exc).__name__}: {exc}"
+        outstanding = self._scheduler.kill(reason)
+        log.critical(
+            "engine scheduler thread died; new requests get 503 until a restart",
+            exc_info=exc,
+            extra={"reason": reason, "requests_ended": len(outstanding)},
+        )
+        self._runner.clear()
+        now = time.monotonic()
+        for seq in outstanding:
+            seq.finish(FinishReason.ERROR, f"the generation engine stopped: {reason}")
+            self._output.finish(seq, now)
+        self._output.flush()

@@ -8,7 +8,7 @@ import torch
 
 from service.engine.stream import GenerationStream
 from service.engine.text import IncrementalDetokenizer, StopStringMatcher
-from service.engine.types import FinishReason, GenerationResult, SamplingParams, Usage
+from service.engine.types import FinishReason, GenerationResult, RequestTimings, SamplingParams, Usage
 from service.handle import ModelHandle
 
 
@@ -23,6 +23,8 @@ class Sequence:
     stream: GenerationStream
     submitted_at: float  # time.monotonic()
     deadline: float
+    submitted_wall: float = 0.0  # time.time() at submission, for logs and spans
+    admitted_at: float | None = None  # time.monotonic() when it got a batch slot
     max_new_tokens: int = 0  # set at admission: params.max_tokens capped by the context length
     generator: torch.Generator | None = None  # per-request, so a seeded request is reproducible
     output_ids: list[int] = field(default_factory=list)
@@ -65,7 +67,12 @@ class Sequence:
         if is_eos:
             self.finish_reason = FinishReason.STOP
             return self.release_tail()
-        text, stopped = self._matcher.push(self._detokenizer.push(token_id))
+        try:
+            piece = self._detokenizer.push(token_id)
+        except Exception:
+            self._detokenizer = None  # its state is unknown now: release nothing more from it
+            raise
+        text, stopped = self._matcher.push(piece)
         if stopped:
             self.finish_reason = FinishReason.STOP
         elif len(self.output_ids) >= self.max_new_tokens:
@@ -87,11 +94,37 @@ class Sequence:
         self.finish_reason = reason
         self.error = error
 
-    def result(self) -> GenerationResult:
-        assert self.finish_reason is not None
+    @property
+    def text(self) -> str:
+        """The completion so far, cut at a stop string."""
+        return self._matcher.text
+
+    def timings(self, now: float) -> RequestTimings:
+        """Where the time went, for a request ending at ``now`` (``time.monotonic()``)."""
+        started = self.admitted_at if self.admitted_at is not None else now
+        first, last = self.first_token_at, self.last_token_at
+        return RequestTimings(
+            submitted_at=self.submitted_wall,
+            queue_s=started - self.submitted_at,
+            prefill_s=0.0 if first is None else first - started,
+            ttft_s=None if first is None else first - self.submitted_at,
+            decode_s=0.0 if first is None or last is None else last - first,
+            total_s=now - self.submitted_at,
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.output_ids),
+        )
+
+    def result(
+        self, now: float, reason: FinishReason | None = None, error: str | None = None
+    ) -> GenerationResult:
+        """How the request ended at ``now``; ``reason``/``error`` describe an end decided off the
+        scheduler thread (the deadline backstop) without touching this sequence's state."""
+        reason = reason or self.finish_reason
+        assert reason is not None
         return GenerationResult(
-            text=self._matcher.text,
-            finish_reason=self.finish_reason,
+            text=self.text,
+            finish_reason=reason,
             usage=Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids)),
-            error=self.error,
+            error=error or self.error,
+            timings=self.timings(now),
         )

@@ -23,6 +23,7 @@ class GenerationStream:
         self._on_cancel = on_cancel
         # Written here, read by the scheduler thread at its next step; a bool store is atomic.
         self.cancel_requested = False
+        self.ended = False  # a result was queued; anything after it is dropped
 
     def cancel(self) -> None:
         """Stop generating for this request (the client went away); a no-op once it has ended."""
@@ -31,7 +32,11 @@ class GenerationStream:
             self._on_cancel(self)
 
     def _put(self, item: TokenDelta | GenerationResult) -> None:
-        """Called on the event loop by the engine."""
+        """Called on the event loop by the engine. The first result ends the stream: a late one (the
+        scheduler finishing a request the deadline backstop already ended) is dropped."""
+        if self.ended:
+            return
+        self.ended = isinstance(item, GenerationResult)
         self._queue.put_nowait(item)
 
     def __aiter__(self) -> GenerationStream:

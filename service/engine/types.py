@@ -95,3 +95,11 @@ class QueueFullError(EngineError):
 
 class EngineStoppedError(EngineError):
     """The engine is draining for shutdown and takes no new requests."""
+
+
+class EngineDeadError(EngineError):
+    """The scheduler thread has died (``reason`` says why); only a restart brings generation back."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the generation engine has stopped: {reason}")
+        self.reason = reason

@@ -1,0 +1,90 @@
+"""The model runner: executes a step's plan on the models (batches, KV caches, forward, sampling).
+
+One :class:`~service.engine.batch.HandleBatch` per model handle; sequences of different handles
+never share a forward pass. A handle is forgotten (with its KV cache) as soon as its last sequence
+leaves, so a swapped-out model can be freed. Runs on the scheduler thread only; its methods raise
+and leave it to the engine to decide which requests a failure ends.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from service.engine.batch import HandleBatch
+from service.engine.sampling import sample_next_tokens
+from service.engine.sequence import Sequence
+from service.handle import ModelHandle
+
+
+class ModelRunner:
+    """The running sequences of every handle, and the forward passes over them."""
+
+    def __init__(self) -> None:
+        self._batches: dict[ModelHandle, HandleBatch] = {}
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._batches)
+
+    @property
+    def cache_tokens(self) -> int:
+        """Token positions held in all KV caches now (read at scrape time, from another thread)."""
+        return sum(batch.cache_tokens for batch in list(self._batches.values()))
+
+    def handles(self) -> list[ModelHandle]:
+        return list(self._batches)
+
+    def eos_ids(self, handle: ModelHandle) -> frozenset[int]:
+        return self._batches[handle].eos_ids
+
+    def admit(self, handle: ModelHandle, seq: Sequence) -> None:
+        """Prepare ``seq`` to run on ``handle`` (creating its batch on first use). Raises ValueError if
+        the prompt leaves no room in the context; anything else if the handle is unusable."""
+        batch = self._batches.get(handle)
+        if batch is None:
+            batch = HandleBatch(handle)
+            self._batches[handle] = batch
+        seq.admit(batch.device, batch.context_length)
+
+    def prefill(self, handle: ModelHandle, seqs: list[Sequence]) -> torch.Tensor:
+        """Run the prompts of admitted ``seqs`` and add them to the batch; next-token logits per row.
+        Raises :class:`~service.engine.batch.CacheError` if the batch's cache was damaged."""
+        return self._batches[handle].prefill(seqs)
+
+    def decode(self, handle: ModelHandle) -> tuple[list[Sequence], torch.Tensor]:
+        """One decode step for every row of ``handle``'s batch: its sequences and their logits. After an
+        exception the batch's cache may be half-updated: :meth:`drop` it."""
+        batch = self._batches[handle]
+        return list(batch.seqs), batch.decode()
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
+        """One token per row; None where the row's logits hold NaN (that request alone must end)."""
+        nan_rows = torch.isnan(logits).any(dim=-1)
+        if not bool(nan_rows.any()):
+            return sample_next_tokens(logits, seqs)
+        keep = (~nan_rows).nonzero().flatten().tolist()
+        tokens: list[int | None] = [None] * len(seqs)
+        if keep:
+            sampled = sample_next_tokens(logits[keep], [seqs[row] for row in keep])
+            for row, token in zip(keep, sampled, strict=True):
+                tokens[row] = token
+        return tokens
+
+    def retire(self, handle: ModelHandle) -> list[Sequence]:
+        """Cut the finished rows out of ``handle``'s batch and cache; return them. After an exception
+        the cache may be broken: :meth:`drop` the batch."""
+        batch = self._batches.get(handle)
+        if batch is None:
+            return []
+        done = batch.remove_finished()
+        if not batch.seqs:
+            del self._batches[handle]
+        return done
+
+    def drop(self, handle: ModelHandle) -> list[Sequence]:
+        """Forget ``handle``'s batch and cache; return the sequences it held."""
+        batch = self._batches.pop(handle, None)
+        return [] if batch is None else batch.seqs
+
+    def clear(self) -> None:
+        self._batches.clear()
