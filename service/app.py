@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from aiohttp import web
@@ -15,6 +17,15 @@ from service.engine import Engine
 from service.lifecycle.manager import ModelManager
 from service.metrics import ServingMetrics
 from service.settings import Settings
+
+#: Threads that render and tokenize prompts: enough to use the cores while the copies of the
+#: tokenizer (one per thread and model, ~8 MiB for SmolLM2's) stay few.
+TOKENIZER_THREADS = min(4, os.cpu_count() or 1)
+
+
+async def _tokenizer_pool_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    app[keys.TOKENIZER_POOL].shutdown(cancel_futures=True)
 
 
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -49,6 +60,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     app[keys.METRICS] = metrics
     app[keys.GATE] = gate
     app[keys.MANAGER] = ModelManager(settings, metrics)
+    app[keys.TOKENIZER_POOL] = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
     app[keys.ENGINE] = Engine(
         max_running=settings.max_running_requests,
         max_queued=settings.max_queued_requests,
@@ -56,7 +68,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         metrics=metrics,
     )
     # The engine outlives the manager on shutdown: in-flight requests finish before models unload.
-    app.cleanup_ctx.extend([_engine_ctx, _manager_ctx])
+    app.cleanup_ctx.extend([_tokenizer_pool_ctx, _engine_ctx, _manager_ctx])
     for module in (health, models, completion, openai_compat, openapi):
         app.add_routes(module.routes)
     return app

@@ -128,8 +128,8 @@ async def test_completion_streams_server_sent_events(client: TestClient) -> None
     ("body", "status"),
     [
         ({"messages": []}, 422),
-        ({"messages": [{"role": "user", "content": ""}]}, 422),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, 422),
+        ({"messages": [{"role": "tool", "content": "hi"}]}, 422),  # /completion knows no tools
         ({"messages": [{"role": "user"}]}, 422),
         ({"messages": "hello"}, 422),
         ({"messages": [{"role": "user", "content": 5}]}, 422),
@@ -137,7 +137,14 @@ async def test_completion_streams_server_sent_events(client: TestClient) -> None
         ({**CHAT, "max_tokens": 10**6}, 422),
         ({**CHAT, "max_tokens": "many"}, 422),
         ({**CHAT, "temperature": -1}, 422),
-        ({**CHAT, "top_p": 0}, 422),
+        ({**CHAT, "top_p": -0.1}, 422),
+        ({**CHAT, "seed": 2**63}, 422),
+        ({"messages": [{"role": "user", "content": []}]}, 422),
+        ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, 422),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            400,
+        ),
         ({**CHAT, "stop": ["a", "b", "c", "d", "e"]}, 422),
         ({**CHAT, "unknown_field": 1}, 422),
         ({"messages": [{"role": "user", "content": "word " * 200}]}, 413),  # over max_prompt_tokens
@@ -147,6 +154,41 @@ async def test_completion_streams_server_sent_events(client: TestClient) -> None
 async def test_completion_rejects_bad_input(client: TestClient, body: Any, status: int) -> None:
     response = await client.post("/completion", json=body)
     assert_error(response.status, await response.json(), status)
+
+
+async def reply(client: TestClient, body: dict[str, Any]) -> str:
+    response = await client.post("/completion", json=body)
+    assert response.status == 200, await response.text()
+    return (await response.json())["message"]["content"]
+
+
+async def test_completion_takes_the_chat_shapes_openai_clients_send(client: TestClient) -> None:
+    question = "What is the capital of France?"
+    plain = await reply(client, {**CHAT, "messages": [{"role": "user", "content": question}]})
+    parts = [{"type": "text", "text": question}]
+    assert await reply(client, {**CHAT, "messages": [{"role": "user", "content": parts}]}) == plain
+    split = [{"type": "text", "text": "What is"}, {"type": "text", "text": "the capital?"}]
+    joined = await reply(client, {**CHAT, "messages": [{"role": "user", "content": "What is\nthe capital?"}]})
+    assert await reply(client, {**CHAT, "messages": [{"role": "user", "content": split}]}) == joined
+    system = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": question}]
+    developer = [{**system[0], "role": "developer"}, system[1]]
+    assert await reply(client, {**CHAT, "messages": developer}) == await reply(
+        client, {**CHAT, "messages": system}
+    )
+    history = [
+        {"role": "system", "content": ""},
+        {"role": "user", "content": "Hi", "name": "alice"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": ""},
+    ]
+    assert isinstance(await reply(client, {**CHAT, "messages": history}), str)
+
+
+async def test_seed_minus_one_is_random_and_top_p_zero_is_greedy(client: TestClient) -> None:
+    greedy = await reply(client, CHAT)
+    assert await reply(client, {**CHAT, "temperature": 1.0, "top_p": 0}) == greedy
+    assert isinstance(await reply(client, {**CHAT, "temperature": 1.0, "seed": -1}), str)
+    assert isinstance(await reply(client, {**CHAT, "temperature": 1.0, "seed": -(2**63)}), str)
 
 
 async def test_malformed_json_is_400(client: TestClient) -> None:

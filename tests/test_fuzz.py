@@ -56,16 +56,22 @@ def test_api_conforms_to_its_openapi_document(case: schemathesis.Case) -> None:
 
 # --- property-based validation of /completion bodies ---
 
-_roles = st.sampled_from(["system", "user", "assistant"])
-_message = st.fixed_dictionaries({"role": _roles, "content": st.text(min_size=1, max_size=50)})
+_roles = st.sampled_from(["system", "user", "assistant", "developer"])
+_text = st.text(max_size=50)
+_content = _text | st.lists(
+    st.fixed_dictionaries({"type": st.just("text"), "text": _text}), min_size=1, max_size=3
+)
+_message = st.fixed_dictionaries(
+    {"role": _roles, "content": _content}, optional={"name": st.text(min_size=1, max_size=8)}
+)
 _valid = st.fixed_dictionaries(
     {"messages": st.lists(_message, min_size=1, max_size=5)},
     optional={
         "max_tokens": st.integers(1, 4096),
         "temperature": st.floats(0, 2),
-        "top_p": st.floats(0, 1, exclude_min=True),
+        "top_p": st.floats(0, 1),
         "stop": st.lists(st.text(min_size=1, max_size=5), max_size=MAX_STOP_SEQUENCES),
-        "seed": st.integers(0, 2**63 - 1),
+        "seed": st.integers(-(2**63), 2**63 - 1),
         "stream": st.booleans(),
     },
 )
@@ -75,6 +81,11 @@ _valid = st.fixed_dictionaries(
 def test_valid_bodies_are_accepted(body: dict) -> None:
     request = CompletionRequest.model_validate(body)
     assert len(request.messages) == len(body["messages"])
+    for message, sent in zip(request.messages, body["messages"], strict=True):
+        content = sent["content"]
+        assert message.text() == (
+            content if isinstance(content, str) else "\n".join(p["text"] for p in content)
+        )
     assert request.stop_tuple() == tuple(body.get("stop") or ())
 
 
@@ -86,10 +97,13 @@ def test_valid_bodies_are_accepted(body: dict) -> None:
             ("max_tokens", 0),
             ("max_tokens", -5),
             ("temperature", 2.5),
-            ("top_p", 0.0),
+            ("top_p", -0.1),
             ("stop", ["a"] * (MAX_STOP_SEQUENCES + 1)),
             ("stop", [""]),
-            ("seed", -1),
+            ("seed", 2**63),
+            ("messages", [{"role": "tool", "content": "x"}]),
+            ("messages", [{"role": "user", "content": []}]),
+            ("messages", [{"role": "user", "content": [{"type": "text"}]}]),
             ("bogus", 1),
         ]
     ),

@@ -23,7 +23,7 @@ routes = web.RouteTableDef()
 @routes.post(paths.COMPLETION)
 async def completion(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, CompletionRequest)
-    admitted = admit(request, body.messages, body, body.max_tokens)
+    admitted = await admit(request, body.messages, body, body.max_tokens)
     if body.stream:
         return await sse_stream(request, admitted, _chunks(request, admitted))
     result = await collect(admitted)

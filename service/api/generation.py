@@ -3,9 +3,10 @@ collecting its result, and writing Server-Sent Events."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ from aiohttp import web
 
 from service.api import keys
 from service.api.errors import ApiError, engine_dead, model_not_ready, shutting_down
-from service.api.protocol import ChatMessage, OpenAIChatMessage, SamplingFields, Usage
+from service.api.protocol import ChatMessage, SamplingFields, Usage
 from service.engine import GenerationStream
 from service.engine.types import (
     EngineDeadError,
@@ -23,7 +24,7 @@ from service.engine.types import (
     QueueFullError,
     SamplingParams,
 )
-from service.handle import ModelHandle
+from service.handle import ChatTemplateError, ModelHandle
 
 
 @dataclass
@@ -36,9 +37,9 @@ class Admitted:
         return self.handle.info.model_id
 
 
-def admit(
+async def admit(
     request: web.Request,
-    messages: list[ChatMessage] | list[OpenAIChatMessage],
+    messages: Sequence[ChatMessage],
     sampling: SamplingFields,
     max_tokens: int | None,
 ) -> Admitted:
@@ -54,9 +55,21 @@ def admit(
     max_tokens = max_tokens or settings.default_max_tokens
     if max_tokens > settings.max_tokens_limit:
         raise ApiError(422, f"max_tokens must be at most {settings.max_tokens_limit}", type="invalid_request")
+    for i, message in enumerate(messages):
+        if kinds := message.non_text_part_types():
+            raise ApiError(
+                400,
+                f"messages[{i}].content: parts of type {', '.join(map(repr, kinds))} are not supported "
+                "(only text parts)",
+                type="unsupported_content",
+            )
+    # Rendering and tokenizing take up to ~1 s for a 1 MiB body: off the event loop, so running
+    # streams keep flowing. Any error other than the template's refusal is the server's: a 500.
     try:
-        prompt_ids = handle.encode_chat([{"role": m.role, "content": m.content} for m in messages])
-    except Exception as exc:  # a template that rejects this conversation (e.g. role order) is bad input
+        prompt_ids = await asyncio.get_running_loop().run_in_executor(
+            app[keys.TOKENIZER_POOL], handle.encode_chat, [m.template_message() for m in messages]
+        )
+    except ChatTemplateError as exc:
         raise ApiError(
             422, f"the model's chat template rejected the messages: {exc}", type="invalid_request"
         ) from exc
@@ -71,10 +84,10 @@ def admit(
         )
     params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
+        temperature=0.0 if sampling.greedy else sampling.temperature,
+        top_p=1.0 if sampling.greedy else sampling.top_p,
         stop=sampling.stop_tuple(),
-        seed=sampling.seed,
+        seed=sampling.sampling_seed,
     )
     try:
         stream = app[keys.ENGINE].submit(handle, prompt_ids, params)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 from aiohttp import web
 
 from service.api.middleware import ShutdownGate
@@ -15,3 +17,5 @@ METRICS = web.AppKey("metrics", ServingMetrics)
 MANAGER = web.AppKey("manager", ModelManager)
 ENGINE = web.AppKey("engine", Engine)
 GATE = web.AppKey("shutdown_gate", ShutdownGate)
+#: Threads that render and tokenize prompts (each with its own tokenizer copy per model).
+TOKENIZER_POOL = web.AppKey("tokenizer_pool", ThreadPoolExecutor)

@@ -37,7 +37,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise ApiError(
             404, f"model {body.model!r} is not served here; GET /v1/models lists it", type="model_not_found"
         )
-    admitted = admit(request, body.messages, body, body.max_completion_tokens or body.max_tokens)
+    if refused := body.unhonoured_options():
+        raise ApiError(
+            400,
+            f"not supported by this server: {', '.join(refused)} (leave out, or set to the default)",
+            type="unsupported_option",
+            details=[
+                {"loc": [name], "msg": "not supported", "type": "unsupported_option"} for name in refused
+            ],
+        )
+    admitted = await admit(request, body.messages, body, body.max_completion_tokens or body.max_tokens)
     chat_id = f"chatcmpl-{admitted.stream.request_id}"
     created = int(time.time())
     if body.stream:

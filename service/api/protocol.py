@@ -2,21 +2,69 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "developer"]
 MAX_STOP_SEQUENCES = 4
+MAX_CONTENT_CHARS = 200_000
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ContentPart(BaseModel):
+    """One part of a message's content, as the SDKs' typed messages send it. Text parts are served
+    (joined with newlines, as vLLM does); any other type (``image_url``, ``input_audio``, ``file``,
+    ...) is refused with 400 naming it."""
+
+    model_config = ConfigDict(extra="allow")  # a non-text part's payload is never read
+    type: str = Field(min_length=1, max_length=64)
+    text: str | None = Field(None, max_length=MAX_CONTENT_CHARS)
+
+    @model_validator(mode="after")
+    def _text_part_has_text(self) -> ContentPart:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text part needs 'text'")
+        return self
+
+
+Content = (
+    Annotated[str, Field(max_length=MAX_CONTENT_CHARS)]
+    | Annotated[list[ContentPart], Field(min_length=1, max_length=256)]
+)
+
+
 class ChatMessage(_Strict):
+    """One chat message. ``developer`` is rendered as ``system``; ``name`` goes to the chat template."""
+
     role: Role
-    content: str = Field(min_length=1, max_length=200_000)
+    content: Content = Field(description="A string (may be empty) or a list of text parts.")
+    name: str | None = Field(None, min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _joined_text_is_bounded(self) -> ChatMessage:
+        if len(self.text()) > MAX_CONTENT_CHARS:
+            raise ValueError(f"content longer than {MAX_CONTENT_CHARS} characters")
+        return self
+
+    def text(self) -> str:
+        """The content as one string: the text parts joined with newlines."""
+        if isinstance(self.content, list):
+            return "\n".join(p.text or "" for p in self.content if p.type == "text")
+        return self.content or ""
+
+    def non_text_part_types(self) -> list[str]:
+        return [p.type for p in self.content if p.type != "text"] if isinstance(self.content, list) else []
+
+    def template_message(self) -> dict[str, str]:
+        """The message as the model's chat template reads it."""
+        message = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
 
 
 class SamplingFields(BaseModel):
@@ -26,9 +74,11 @@ class SamplingFields(BaseModel):
         None, ge=1, description="Most tokens to generate (server default if unset)."
     )
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy decoding.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0, description="Nucleus sampling mass; 0 is greedy decoding.")
     stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP_SEQUENCES} stop strings.")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(
+        None, ge=-(2**63), le=2**63 - 1, description="Reproducible sampling; a negative seed is a random one."
+    )
     stream: bool = Field(False, description="Answer with Server-Sent Events.")
 
     @field_validator("stop")
@@ -43,6 +93,16 @@ class SamplingFields(BaseModel):
 
     def stop_tuple(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    @property
+    def greedy(self) -> bool:
+        """Temperature 0, or top_p 0 (clients send it to mean "deterministic")."""
+        return self.temperature == 0 or self.top_p == 0
+
+    @property
+    def sampling_seed(self) -> int | None:
+        """The seed to sample with; None (a random one) for none or a negative one (llama.cpp's -1)."""
+        return None if self.seed is None or self.seed < 0 else self.seed
 
 
 class CompletionRequest(SamplingFields, _Strict):
@@ -144,19 +204,116 @@ class HealthResponse(BaseModel):
 # --- OpenAI-compatible models (the subset the official SDK sends and reads) ---
 
 
-class OpenAIChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send name/tool fields we do not use
-    role: Role
-    content: str = Field(min_length=1, max_length=200_000)
+ToolRole = Literal["tool", "function"]
+
+
+class OpenAIChatMessage(ChatMessage):
+    """A chat message as OpenAI takes it; tool roles and tool calls are refused with 400 (no tools)."""
+
+    model_config = ConfigDict(extra="ignore")  # e.g. refusal, audio, tool_call_id: not read
+    role: Role | ToolRole
+    content: Content | None = Field(None, description="A string or text parts; null only for assistant.")
+    tool_calls: list[dict[str, Any]] | None = None
+    function_call: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _content_unless_assistant(self) -> OpenAIChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content is required for role {self.role!r}")
+        return self
+
+    def unhonoured(self) -> list[str]:
+        """What in this message asks for tool use, which is not served."""
+        refused = [f"role {self.role!r}"] if self.role in ("tool", "function") else []
+        return refused + [name for name in ("tool_calls", "function_call") if getattr(self, name)]
+
+
+#: Options that change the answer and are not served yet, each with the values that ask for
+#: nothing (accepted): OpenAI's own, then the extensions of vLLM and llama.cpp that clients send
+#: through ``extra_body``. Any other value is refused with 400 naming the option. Unknown fields
+#: not listed here are accepted and ignored, like vLLM does.
+UNHONOURED_OPTIONS: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "response_format": (None, {"type": "text"}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "suffix": (None, ""),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "web_search_options": (None,),
+    "reasoning_effort": (None,),
+    "verbosity": (None,),
+    "top_k": (None, 0, -1),
+    "min_p": (None, 0),
+    "repetition_penalty": (None, 1),
+    "min_tokens": (None, 0),
+    "ignore_eos": (None, False),
+    "best_of": (None, 1),
+    "use_beam_search": (None, False),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "structured_outputs": (None,),
+    "grammar": (None, ""),
+    "json_schema": (None,),
+    "chat_template_kwargs": (None, {}),
+}
+_UNSERVED = "Not served: refused with 400 unless it asks for nothing."
 
 
 class OpenAIChatRequest(SamplingFields):
-    model_config = ConfigDict(extra="ignore")  # unknown OpenAI options are accepted and ignored, like vLLM
+    """``POST /v1/chat/completions``. A null field means "not given", as in OpenAI's API."""
+
+    model_config = ConfigDict(extra="allow")  # unknown options are accepted and ignored, like vLLM
     model: str | None = None
     messages: list[OpenAIChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1, le=1, description="Only one choice is generated.")
-    stream_options: dict[str, Any] | None = None
+    n: int = Field(1, ge=1, description="Only 1 is served; more is refused with 400.")
+    stream_options: dict[str, Any] | None = Field(None, description="include_usage is honoured.")
+    logprobs: bool | None = Field(None, description=_UNSERVED)
+    top_logprobs: int | None = Field(None, ge=0, le=20, description=_UNSERVED)
+    response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"} is served.')
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description=_UNSERVED)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description=_UNSERVED)
+    logit_bias: dict[str, float] | None = Field(None, description=_UNSERVED)
+    tools: list[dict[str, Any]] | None = Field(None, description='Refused unless tool_choice is "none".')
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = Field(
+        None, description='Refused unless function_call is "none".'
+    )
+    function_call: str | dict[str, Any] | None = None
+    # Metadata that does not change the answer: accepted and ignored.
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_not_given(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    def unhonoured_options(self) -> list[str]:
+        """Names of what this request asks for that is not served (the handler refuses it with 400)."""
+        refused = [
+            name
+            for name, neutral in UNHONOURED_OPTIONS.items()
+            if name in self.model_fields_set and getattr(self, name) not in neutral
+        ]
+        for option, choice in (("tools", self.tool_choice), ("functions", self.function_call)):
+            if getattr(self, option) and choice != "none":
+                refused.append(option)
+        if not self.tools and self.tool_choice not in (None, "none", "auto"):
+            refused.append("tool_choice")
+        for i, message in enumerate(self.messages):
+            refused += [f"messages[{i}].{what}" for what in message.unhonoured()]
+        return refused
 
 
 class OpenAIChoice(BaseModel):
