@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from service.engine.batch import HandleBatch
+from service.engine.logits import apply_logits_processors
 from service.engine.sampling import sample_next_tokens
 from service.engine.sequence import Sequence
 from service.handle import ModelHandle
@@ -58,7 +59,9 @@ class ModelRunner:
         return list(batch.seqs), batch.decode()
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
-        """One token per row; None where the row's logits hold NaN (that request alone must end)."""
+        """One token per row, after each row's logits processors; None where the row's logits hold NaN
+        (that request alone must end)."""
+        logits = apply_logits_processors(logits, seqs)
         nan_rows = torch.isnan(logits).any(dim=-1)
         if not bool(nan_rows.any()):
             return sample_next_tokens(logits, seqs)

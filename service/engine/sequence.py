@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from service.engine.logits import LogitsProcessor, processors_for
 from service.engine.stream import GenerationStream
 from service.engine.text import IncrementalDetokenizer, StopStringMatcher
 from service.engine.types import FinishReason, GenerationResult, RequestTimings, SamplingParams, Usage
@@ -27,6 +28,8 @@ class Sequence:
     admitted_at: float | None = None  # time.monotonic() when it got a batch slot
     max_new_tokens: int = 0  # set at admission: params.max_tokens capped by the context length
     generator: torch.Generator | None = None  # per-request, so a seeded request is reproducible
+    # Applied to this sequence's logits row before sampling (set at admission; see engine.logits).
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
     output_ids: list[int] = field(default_factory=list)
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -54,6 +57,7 @@ class Sequence:
                 self.generator.seed()
             else:
                 self.generator.manual_seed(self.params.seed)
+        self.logits_processors = processors_for(self)
         self._detokenizer = IncrementalDetokenizer(self.handle.tokenizer, self.prompt_ids)
 
     @property

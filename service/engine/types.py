@@ -23,6 +23,11 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # Logits processors (service.engine.logits), in the order they apply.
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its score)
+    repetition_penalty: float = 1.0  # 1 is none; over prompt and output tokens
+    frequency_penalty: float = 0.0  # per occurrence in the output
+    presence_penalty: float = 0.0  # once per token present in the output
 
 
 @dataclass(frozen=True)
