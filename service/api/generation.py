@@ -16,6 +16,7 @@ from service.api import keys
 from service.api.errors import ApiError, engine_dead, model_not_ready, shutting_down
 from service.api.protocol import ChatMessage, SamplingFields, Usage
 from service.engine import GenerationStream
+from service.engine.grammar import GrammarError
 from service.engine.types import (
     EngineDeadError,
     EngineStoppedError,
@@ -24,7 +25,16 @@ from service.engine.types import (
     QueueFullError,
     SamplingParams,
 )
-from service.handle import ChatTemplateError, ModelHandle
+from service.handle import ChatTemplateError, ModelHandle, ToolsUnsupportedError
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """Constrained decoding a request asks for: an llguidance grammar, and the request option it
+    comes from (named in the 400 when the grammar uses what is not supported)."""
+
+    option: str
+    source: str
 
 
 @dataclass
@@ -42,8 +52,11 @@ async def admit(
     messages: Sequence[ChatMessage],
     sampling: SamplingFields,
     max_tokens: int | None,
+    tools: list[dict[str, Any]] | None = None,
+    constraint: Constraint | None = None,
 ) -> Admitted:
-    """Render the prompt on the serving model and queue it; 4xx/429/503 when that cannot be done."""
+    """Render the prompt (with ``tools``, when given) on the serving model, compile ``constraint``
+    and queue the request; 4xx/429/503 when that cannot be done."""
     app = request.app
     settings = app[keys.SETTINGS]
     handle = app[keys.MANAGER].active
@@ -65,14 +78,17 @@ async def admit(
             )
     # Rendering and tokenizing take up to ~1 s for a 1 MiB body: off the event loop, so running
     # streams keep flowing. Any error other than the template's refusal is the server's: a 500.
+    loop = asyncio.get_running_loop()
     try:
-        prompt_ids = await asyncio.get_running_loop().run_in_executor(
-            app[keys.TOKENIZER_POOL], handle.encode_chat, [m.template_message() for m in messages]
+        prompt_ids = await loop.run_in_executor(
+            app[keys.TOKENIZER_POOL], handle.encode_chat, [m.template_message() for m in messages], tools
         )
     except ChatTemplateError as exc:
         raise ApiError(
             422, f"the model's chat template rejected the messages: {exc}", type="invalid_request"
         ) from exc
+    except ToolsUnsupportedError as exc:
+        raise _unsupported("tools", str(exc)) from exc
     if not prompt_ids:
         raise ApiError(422, "the messages rendered to an empty prompt", type="invalid_request")
     limit = settings.max_prompt_tokens
@@ -82,12 +98,21 @@ async def admit(
         raise ApiError(
             413, f"the prompt is {len(prompt_ids)} tokens, over the limit of {limit}", type="prompt_too_long"
         )
+    grammar = None
+    if constraint is not None:  # compiled off the loop: a new schema takes milliseconds to validate
+        try:
+            grammar = await loop.run_in_executor(
+                app[keys.TOKENIZER_POOL], app[keys.ENGINE].grammars.compile, handle, constraint.source
+            )
+        except GrammarError as exc:
+            raise _unsupported(constraint.option, str(exc)) from exc
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=0.0 if sampling.greedy else sampling.temperature,
         top_p=1.0 if sampling.greedy else sampling.top_p,
         stop=sampling.stop_tuple(),
         seed=sampling.sampling_seed,
+        grammar=grammar,
     )
     try:
         stream = app[keys.ENGINE].submit(handle, prompt_ids, params)
@@ -104,6 +129,15 @@ async def admit(
         raise engine_dead(exc.reason) from exc
     request["request_id"] = stream.request_id
     return Admitted(handle, stream)
+
+
+def _unsupported(option: str, why: str) -> ApiError:
+    return ApiError(
+        400,
+        f"not supported by this server: {option}: {why}",
+        type="unsupported_option",
+        details=[{"loc": [option], "msg": why, "type": "unsupported_option"}],
+    )
 
 
 def usage_of(result: GenerationResult) -> Usage:
