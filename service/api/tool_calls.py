@@ -23,7 +23,14 @@ HERMES_RESPONSE_TEMPLATE: dict[str, Any] = {
     "start_anchor": "<|im_start|>assistant\n",
     "fields": {
         "content": {},
-        "tool_calls": {"open": TOOL_CALL_OPEN, "close": TOOL_CALL_CLOSE, "content": "json", "repeats": True},
+        "tool_calls": {
+            "open": TOOL_CALL_OPEN,
+            "close": TOOL_CALL_CLOSE,
+            "content": "json",
+            # A region that is not JSON closes with its text (kept as content) instead of raising.
+            "content_args": {"allow_non_json": True},
+            "repeats": True,
+        },
     },
 }
 
@@ -51,42 +58,39 @@ class ToolCallParser:
 
     tokenizer: Any
     calls: list[ToolCall] = field(default_factory=list)
-    _parser: ResponseParser | None = field(init=False, default=None)
-    _region: list[str] = field(default_factory=list)  # raw text of the open tool-call region
+    _parser: ResponseParser = field(init=False)
+    _region: list[str] | None = field(init=False, default=None)  # raw text of an open tool-call region
 
     def __post_init__(self) -> None:
         template = getattr(self.tokenizer, "response_template", None) or HERMES_RESPONSE_TEMPLATE
         self._parser = ResponseParser(template, prefix="")
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
-        return self._events(lambda parser: parser.feed(text), text)
+        return self._events(self._parser.feed(text), closed=True)
 
     def finish(self) -> tuple[str, list[ToolCall]]:
-        """What the end of the text releases (an unclosed region is content)."""
-        return self._events(lambda parser: parser.finalize()[1], "")
+        """What the end of the text releases (a region left open is content, as written)."""
+        return self._events(self._parser.finalize()[1], closed=False)
 
-    def _events(self, step: Any, text: str) -> tuple[str, list[ToolCall]]:
-        if self._parser is None:  # a region failed to parse: the rest is plain content
-            return text, []
-        try:
-            events = step(self._parser)
-        except ValueError:  # invalid JSON in a tool-call region
-            self._parser = None
-            return f"{TOOL_CALL_OPEN}{''.join(self._region)}{text}", []
+    def _events(self, events: list[dict[str, Any]], closed: bool) -> tuple[str, list[ToolCall]]:
         content: list[str] = []
         new: list[ToolCall] = []
         for event in events:
             if event["field"] != "tool_calls":
                 content.append(event.get("text", "") if event["type"] == "region_chunk" else "")
-            elif event["type"] == "region_chunk":
+            elif event["type"] == "region_open":
+                self._region = []
+            elif event["type"] == "region_chunk" and self._region is not None:
                 self._region.append(event["text"])
             elif event["type"] == "region_close":
-                call = _tool_call(event["value"])
+                call = _tool_call(event["value"]) if closed else None
                 if call is None:
-                    content.append(f"{TOOL_CALL_OPEN}{''.join(self._region)}{TOOL_CALL_CLOSE}")
+                    content.append(
+                        TOOL_CALL_OPEN + "".join(self._region or []) + (TOOL_CALL_CLOSE if closed else "")
+                    )
                 else:
                     new.append(call)
-                self._region = []
+                self._region = None
         self.calls += new
         return "".join(content), new
 
