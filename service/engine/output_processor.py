@@ -55,13 +55,18 @@ class OutputProcessor:
         seq.last_token_at = now
         text = ""
         scored: tuple[TokenLogprobs, ...] = ()
+        prompt_scored: tuple[TokenLogprobs | None, ...] = ()
         try:
+            if seq.prompt_logprobs is not None and seq.prompt_scored is None:
+                seq.prompt_scored = [p and _decoded(seq, p) for p in seq.prompt_logprobs]
+                prompt_scored = tuple(seq.prompt_scored)
             if logprobs is not None:
                 scored = (_decoded(seq, logprobs),)
                 seq.logprobs.append(scored[0])
             text = seq.add_token(token, is_eos)
         finally:  # the token was generated (and counts in usage) even if its text could not be made
-            self._outbox.append((seq.stream, TokenDelta(text=text, token_ids=(token,), logprobs=scored)))
+            delta = TokenDelta(text=text, token_ids=(token,), logprobs=scored, prompt_logprobs=prompt_scored)
+            self._outbox.append((seq.stream, delta))
 
     def release_tail(self, seq: Sequence) -> None:
         """Queue the text a finished ``seq`` held back (may raise from the tokenizer)."""

@@ -40,6 +40,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per output token, when asked
     prompt_logprobs: list[RawLogprobs | None] | None = None  # set by the prefill, when asked
+    prompt_scored: list[TokenLogprobs | None] | None = None  # the same decoded, with the first token
     first_token_at: float | None = None
     last_token_at: float | None = None
     finish_reason: FinishReason | None = None
@@ -141,4 +142,5 @@ class Sequence:
             error=error or self.error,
             timings=self.timings(now),
             logprobs=None if self.params.logprobs is None else list(self.logprobs),
+            prompt_logprobs=self.prompt_scored,
         )

@@ -54,11 +54,13 @@ class TokenLogprobs:
 class TokenDelta:
     """New text of one request since its previous delta (may be empty while a stop string is pending).
 
-    ``logprobs`` is aligned with ``token_ids`` when the request asked for logprobs, else empty."""
+    ``logprobs`` is aligned with ``token_ids`` when the request asked for logprobs, else empty;
+    the first delta of a request that asked for prompt logprobs carries them (as the result does)."""
 
     text: str
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprobs, ...] = ()
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] = ()
 
 
 @dataclass
