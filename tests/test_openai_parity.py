@@ -176,9 +176,9 @@ def test_legacy_completions_with_the_sdk(client: openai.OpenAI, model_id: str, t
     chunks = list(client.completions.create(**args, echo=True, logprobs=2, stream=True))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
     streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
-    assert sum((s.tokens for s in streamed), []) == lp.tokens
-    assert sum((s.token_logprobs for s in streamed), []) == pytest.approx(lp.token_logprobs)
-    assert sum((s.text_offset for s in streamed), []) == lp.text_offset
+    assert [t for s in streamed for t in s.tokens] == lp.tokens
+    assert [v for s in streamed for v in s.token_logprobs] == pytest.approx(lp.token_logprobs)
+    assert [o for s in streamed for o in s.text_offset] == lp.text_offset
 
 
 def test_legacy_prompt_lists_token_ids_and_n(client: openai.OpenAI, model_id: str, tokenizer: Any) -> None:
