@@ -10,9 +10,16 @@ import torch
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from service.api import completion, health, keys, models, openai_compat, openapi
+from service.api import completion, health, keys, models, openai_compat, openapi, tokenize
 from service.api.errors import json_errors
-from service.api.middleware import ShutdownGate, body_limit, enable_cors, observe, shutdown_gate
+from service.api.middleware import (
+    ShutdownGate,
+    body_limit,
+    enable_cors,
+    observe,
+    request_ids,
+    shutdown_gate,
+)
 from service.engine import Engine
 from service.lifecycle.manager import ModelManager
 from service.metrics import ServingMetrics
@@ -53,6 +60,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         client_max_size=settings.max_body_bytes,
         middlewares=[observe(metrics), json_errors, body_limit(settings.max_body_bytes)],
     )
+    app.middlewares.insert(2, request_ids(app))  # inside json_errors: a bad id is a JSON 400
     if settings.cors_origins:
         enable_cors(app, settings.cors_origins)
     app.middlewares.append(shutdown_gate(gate))
@@ -69,6 +77,6 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     )
     # The engine outlives the manager on shutdown: in-flight requests finish before models unload.
     app.cleanup_ctx.extend([_tokenizer_pool_ctx, _engine_ctx, _manager_ctx])
-    for module in (health, models, completion, openai_compat, openapi):
+    for module in (health, models, completion, openai_compat, tokenize, openapi):
         app.add_routes(module.routes)
     return app

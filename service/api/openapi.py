@@ -31,8 +31,9 @@ class Endpoint:
     ok_status: int = 200
     request: type[BaseModel] | None = None
     errors: tuple[int, ...] = ()
-    stream_event: type[BaseModel] | None = None  # JSON payload of each SSE event, when streaming
-    streams: bool = False  # also answers text/event-stream when the body asks for it
+    # JSON payloads of the SSE events (also answers text/event-stream when the body asks for it)
+    stream_events: tuple[type[BaseModel], ...] = ()
+    stream_done: bool = False  # the stream ends with the literal event data [DONE]
     extra_ok: dict[int, type[BaseModel]] = field(default_factory=dict)
     admin: bool = False
 
@@ -48,8 +49,7 @@ ENDPOINTS = (
         protocol.CompletionResponse,
         request=protocol.CompletionRequest,
         errors=_GENERATION_ERRORS,
-        streams=True,
-        stream_event=protocol.CompletionChunk,
+        stream_events=(protocol.CompletionChunk,),
     ),
     Endpoint(
         "post",
@@ -58,7 +58,34 @@ ENDPOINTS = (
         protocol.OpenAIChatResponse,
         request=protocol.OpenAIChatRequest,
         errors=(*_GENERATION_ERRORS, 404),
-        streams=True,
+        stream_events=(protocol.OpenAIChatChunk, protocol.StreamError),
+        stream_done=True,
+    ),
+    Endpoint(
+        "post",
+        paths.OPENAI_COMPLETIONS,
+        "OpenAI-compatible (legacy) text completion",
+        protocol.LegacyCompletionResponse,
+        request=protocol.LegacyCompletionRequest,
+        errors=(*_GENERATION_ERRORS, 404),
+        stream_events=(protocol.LegacyCompletionResponse, protocol.StreamError),
+        stream_done=True,
+    ),
+    Endpoint(
+        "post",
+        paths.TOKENIZE,
+        "Token ids of a prompt or of chat messages (vLLM's shape)",
+        protocol.TokenizeResponse,
+        request=protocol.TokenizeRequest,
+        errors=(*_BODY_ERRORS, 404, 503),
+    ),
+    Endpoint(
+        "post",
+        paths.DETOKENIZE,
+        "Text of token ids (vLLM's shape)",
+        protocol.DetokenizeResponse,
+        request=protocol.DetokenizeRequest,
+        errors=(*_BODY_ERRORS, 404, 503),
     ),
     Endpoint("get", paths.OPENAI_MODELS, "OpenAI-compatible model list", protocol.OpenAIModelList),
     Endpoint("get", paths.MODEL, "The serving model", protocol.ModelInfoResponse, errors=(503,)),
@@ -92,16 +119,17 @@ ENDPOINTS = (
 )
 
 
-def _sse_event(payload: type[BaseModel] | None) -> dict[str, Any]:
-    """Schema of one event (OpenAPI 3.1 style): its ``data`` is JSON of ``payload`` when given."""
-    data: dict[str, Any] = {"type": "string"}
-    if payload is not None:
-        data |= {
-            "contentMediaType": "application/json",
-            "contentSchema": {"$ref": _REF.format(model=payload.__name__)},
-        }
-    else:  # OpenAI chunks, then the literal [DONE]
-        data["description"] = "JSON chat.completion.chunk objects, then the literal [DONE]"
+def _sse_event(payloads: tuple[type[BaseModel], ...], done: bool) -> dict[str, Any]:
+    """Schema of one event (OpenAPI 3.1 style): its ``data`` is JSON of one of ``payloads``, or the
+    literal ``[DONE]`` when ``done``."""
+    refs = [{"$ref": _REF.format(model=p.__name__)} for p in payloads]
+    data: dict[str, Any] = {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": refs[0] if len(refs) == 1 else {"anyOf": refs},
+    }
+    if done:
+        data = {"anyOf": [data, {"type": "string", "const": "[DONE]"}]}
     return {"type": "object", "required": ["data"], "properties": {"data": data}}
 
 
@@ -113,13 +141,16 @@ def _json(model: type[BaseModel]) -> dict[str, Any]:
 def document() -> dict[str, Any]:
     models: list[type[BaseModel]] = [protocol.ErrorResponse]
     for e in ENDPOINTS:
-        models += [m for m in (e.ok, e.request, e.stream_event, *e.extra_ok.values()) if m is not None]
+        models += [m for m in (e.ok, e.request, *e.stream_events, *e.extra_ok.values()) if m is not None]
     _, schemas = models_json_schema([(m, "validation") for m in dict.fromkeys(models)], ref_template=_REF)
     spec_paths: dict[str, dict[str, Any]] = {}
     for e in ENDPOINTS:
         ok_content = _json(e.ok) if e.ok else {"text/plain": _TEXT}
-        if e.streams:
-            ok_content = {**ok_content, "text/event-stream": {"schema": _sse_event(e.stream_event)}}
+        if e.stream_events:
+            ok_content = {
+                **ok_content,
+                "text/event-stream": {"schema": _sse_event(e.stream_events, e.stream_done)},
+            }
         responses: dict[str, Any] = {str(e.ok_status): {"description": "OK", "content": ok_content}}
         for status, model in e.extra_ok.items():
             responses[str(status)] = {"description": "OK", "content": _json(model)}

@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 Role = Literal["system", "user", "assistant", "developer"]
 MAX_STOP_SEQUENCES = 4
 MAX_CONTENT_CHARS = 200_000
+MAX_LOGIT_BIAS = 300
+MAX_TOP_LOGPROBS = 20
 
 
 class _Strict(BaseModel):
@@ -81,6 +83,34 @@ class SamplingFields(BaseModel):
         None, ge=-(2**63), le=2**63 - 1, description="Reproducible sampling; a negative seed is a random one."
     )
     stream: bool = Field(False, description="Answer with Server-Sent Events.")
+    presence_penalty: float = Field(
+        0.0, ge=-2, le=2, description="Subtracted once from the score of each token already generated."
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2, le=2, description="Subtracted from a token's score once per time it was generated."
+    )
+    repetition_penalty: float = Field(
+        1.0,
+        gt=0,
+        le=10,
+        description="vLLM's: divides the positive (multiplies the negative) score of every token of the "
+        "prompt and output; 1 is none.",
+    )
+    logit_bias: dict[str, float] | None = Field(
+        None,
+        max_length=MAX_LOGIT_BIAS,
+        description="Token id (as a string) to a bias in [-100, 100] added to its score before sampling.",
+    )
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (v or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"logit_bias keys are token ids, got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values lie in [-100, 100], got {bias}")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -106,7 +136,32 @@ class SamplingFields(BaseModel):
         return None if self.seed is None or self.seed < 0 else self.seed
 
 
-class CompletionRequest(SamplingFields, _Strict):
+class ChatLogprobsFields(BaseModel):
+    """Logprobs as the chat API asks for them."""
+
+    logprobs: bool = Field(
+        False, description="Return each generated token's logprob (raw model distribution, natural log)."
+    )
+    top_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="With logprobs: also the most likely tokens at each position, this many.",
+    )
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatLogprobsFields:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def logprobs_k(self) -> int | None:
+        """How many alternatives per token the engine computes; None for no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(SamplingFields, ChatLogprobsFields, _Strict):
     messages: list[ChatMessage] = Field(min_length=1)
 
 
@@ -124,12 +179,34 @@ class AssistantMessage(BaseModel):
 FinishReasonName = Literal["stop", "length", "cancelled", "timeout", "error"]
 
 
+class TopLogprob(BaseModel):
+    """A token and its logprob (natural log, raw model distribution); ``bytes`` its UTF-8 bytes."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    """A generated token's logprob and the ``top_logprobs`` most likely tokens at its position."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """OpenAI's ``choices[].logprobs`` of the chat API."""
+
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
 class CompletionResponse(BaseModel):
     id: str
     model: str
     message: AssistantMessage
     finish_reason: FinishReasonName
     usage: Usage
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ErrorDetail(BaseModel):
@@ -148,6 +225,7 @@ class CompletionChunk(BaseModel):
     id: str
     model: str
     delta: str
+    logprobs: ChoiceLogprobs | None = None  # the tokens of this event, when asked
     finish_reason: FinishReasonName | None = None
     usage: Usage | None = None
     error: ErrorDetail | None = None  # only on a last event whose generation failed
@@ -331,12 +409,7 @@ class NamedToolChoice(BaseModel):
 #: through ``extra_body``. Any other value is refused with 400 naming the option. Unknown fields
 #: not listed here are accepted and ignored, like vLLM does.
 UNHONOURED_OPTIONS: dict[str, tuple[Any, ...]] = {
-    "n": (1,),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
-    "logit_bias": (None, {}),
+    "response_format": (None, {"type": "text"}),
     "suffix": (None, ""),
     "audio": (None,),
     "modalities": (None, ["text"]),
@@ -346,10 +419,8 @@ UNHONOURED_OPTIONS: dict[str, tuple[Any, ...]] = {
     "verbosity": (None,),
     "top_k": (None, 0, -1),
     "min_p": (None, 0),
-    "repetition_penalty": (None, 1),
     "min_tokens": (None, 0),
     "ignore_eos": (None, False),
-    "best_of": (None, 1),
     "use_beam_search": (None, False),
     "guided_json": (None,),
     "guided_regex": (None,),
@@ -360,24 +431,52 @@ UNHONOURED_OPTIONS: dict[str, tuple[Any, ...]] = {
     "json_schema": (None,),
     "chat_template_kwargs": (None, {}),
 }
-_UNSERVED = "Not served: refused with 400 unless it asks for nothing."
 
 
-class OpenAIChatRequest(SamplingFields):
-    """``POST /v1/chat/completions``. A null field means "not given", as in OpenAI's API."""
+class OpenAIRequest(SamplingFields):
+    """What OpenAI's chat and legacy completions requests share. A null field means "not given"."""
 
     model_config = ConfigDict(extra="allow")  # unknown options are accepted and ignored, like vLLM
     model: str | None = None
-    messages: list[OpenAIChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1, description="Only 1 is served; more is refused with 400.")
+    n: int = Field(
+        1, ge=1, description="Choices to generate (up to SERVING_MAX_N); the prompt is prefilled once."
+    )
+    best_of: int | None = Field(None, ge=1, description="Only equal to n is served; else refused with 400.")
     stream_options: dict[str, Any] | None = Field(None, description="include_usage is honoured.")
-    logprobs: bool | None = Field(None, description=_UNSERVED)
-    top_logprobs: int | None = Field(None, ge=0, le=20, description=_UNSERVED)
+    # Metadata that does not change the answer: accepted and ignored.
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_not_given(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    def unhonoured_options(self) -> list[str]:
+        """Names of what this request asks for that is not served (the handler refuses it with 400)."""
+        extra = self.model_extra or {}
+        refused = [
+            name
+            for name, neutral in UNHONOURED_OPTIONS.items()
+            if (name in self.model_fields_set or name in extra) and getattr(self, name) not in neutral
+        ]
+        if self.best_of not in (None, self.n):
+            refused.append("best_of")
+        return refused
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class OpenAIChatRequest(OpenAIRequest, ChatLogprobsFields):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[OpenAIChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens (wins over it).")
     response_format: ResponseFormat | None = Field(None, description="JSON output by constrained decoding.")
-    presence_penalty: float | None = Field(None, ge=-2, le=2, description=_UNSERVED)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2, description=_UNSERVED)
-    logit_bias: dict[str, float] | None = Field(None, description=_UNSERVED)
     tools: list[ToolDefinition] | None = Field(
         None, max_length=128, description="Function tools, rendered by the model's chat template."
     )
@@ -391,16 +490,6 @@ class OpenAIChatRequest(SamplingFields):
         None, description='Refused unless function_call is "none".'
     )
     function_call: str | dict[str, Any] | None = None
-    # Metadata that does not change the answer: accepted and ignored.
-    user: str | None = None
-    metadata: dict[str, Any] | None = None
-    store: bool | None = None
-    service_tier: str | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_not_given(cls, data: Any) -> Any:
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     @property
     def calls_tools(self) -> bool:
@@ -408,12 +497,8 @@ class OpenAIChatRequest(SamplingFields):
         return bool(self.tools) and self.tool_choice != "none"
 
     def unhonoured_options(self) -> list[str]:
-        """Names of what this request asks for that is not served (the handler refuses it with 400)."""
-        refused = [
-            name
-            for name, neutral in UNHONOURED_OPTIONS.items()
-            if name in self.model_fields_set and getattr(self, name) not in neutral
-        ]
+        # response_format is served here (the legacy endpoint still refuses it).
+        refused = [name for name in super().unhonoured_options() if name != "response_format"]
         if self.functions and self.function_call != "none":
             refused.append("functions")
         refused += [
@@ -431,6 +516,47 @@ class OpenAIChatRequest(SamplingFields):
         return refused
 
 
+MAX_PROMPTS = 64
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=1_000_000)]
+
+
+class LegacyCompletionRequest(OpenAIRequest):
+    """``POST /v1/completions`` (OpenAI's legacy completions): raw prompts, no chat template."""
+
+    prompt: (
+        Annotated[str, Field(max_length=MAX_CONTENT_CHARS)]
+        | Annotated[
+            list[Annotated[str, Field(max_length=MAX_CONTENT_CHARS)]],
+            Field(min_length=1, max_length=MAX_PROMPTS),
+        ]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    ) = Field(description="A string, a list of strings, a list of token ids or a list of such lists.")
+    max_tokens: int | None = Field(
+        16, ge=1, description="Most tokens to generate per choice (OpenAI's default 16)."
+    )
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="Return each token's logprob and this many most likely alternatives per position.",
+    )
+    echo: bool = Field(False, description="Prepend the prompt (and, with logprobs, its tokens' logprobs).")
+    suffix: str | None = Field(None, description="Not served: refused with 400 unless empty.")
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The prompts, each a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [p]  # type: ignore[list-item]
+        return p  # type: ignore[return-value]
+
+
+OpenAIFinishReason = Literal["stop", "length", "tool_calls"]
+
+
 class OpenAIAssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = Field(description="null when the answer is only tool calls.")
@@ -440,7 +566,8 @@ class OpenAIAssistantMessage(BaseModel):
 class OpenAIChoice(BaseModel):
     index: int
     message: OpenAIAssistantMessage
-    finish_reason: str
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: OpenAIFinishReason
 
 
 class OpenAIChatResponse(BaseModel):
@@ -450,6 +577,105 @@ class OpenAIChatResponse(BaseModel):
     model: str
     choices: list[OpenAIChoice]
     usage: Usage
+
+
+class ToolCallDelta(ToolCallItem):
+    """A tool call in a stream: each call is sent whole, in one delta, at its ``index``."""
+
+    index: int
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: OpenAIFinishReason | None = None
+
+
+class OpenAIChatChunk(BaseModel):
+    """One SSE event of a streamed chat completion. Per choice: a first event with the role, events
+    with content (and its logprobs), one with ``finish_reason``; then, with
+    ``stream_options.include_usage``, one with no choices and ``usage``; then ``[DONE]``."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class LegacyLogprobs(BaseModel):
+    """OpenAI's legacy logprobs: parallel lists over the tokens of the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]  # None for the first prompt token (echo)
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]  # character offset of each token in the choice's text
+
+
+class LegacyChoice(BaseModel):
+    text: str
+    index: int  # prompt index * n + choice index
+    logprobs: LegacyLogprobs | None = None
+    finish_reason: OpenAIFinishReason | None
+
+
+class LegacyCompletionResponse(BaseModel):
+    """``POST /v1/completions``; as a stream, each SSE event is one of these with ``object``
+    ``text_completion``, new text per choice, then (with include_usage) a usage event, then ``[DONE]``."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[LegacyChoice]
+    usage: Usage | None = None
+
+
+class StreamError(BaseModel):
+    """The last event of a stream whose generation failed (then ``[DONE]``)."""
+
+    error: ErrorDetail
+
+
+class TokenizeRequest(_Strict):
+    """``POST /tokenize`` (vLLM's shape): a ``prompt`` or chat ``messages`` (rendered with the chat
+    template and its generation prompt)."""
+
+    model: str | None = None
+    prompt: str | None = Field(None, max_length=MAX_CONTENT_CHARS)
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = Field(True, description="For a prompt: add the tokenizer's BOS etc.")
+    return_token_strs: bool = Field(False, description="Also return each token decoded on its own.")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int | None
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(max_length=1_000_000)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class OpenAIModel(BaseModel):

@@ -54,9 +54,11 @@ class ToolCall:
 @dataclass
 class ToolCallParser:
     """Feed it the generated text piece by piece; each call returns the content released and the
-    calls completed by that piece. ``tokenizer`` supplies a ``response_template`` if it has one."""
+    calls completed by that piece (at most ``max_calls`` in all: later ones are dropped, as
+    ``parallel_tool_calls: false`` asks). ``tokenizer`` supplies a ``response_template`` if it has one."""
 
     tokenizer: Any
+    max_calls: int | None = None
     calls: list[ToolCall] = field(default_factory=list)
     _parser: ResponseParser = field(init=False)
     _region: list[str] | None = field(init=False, default=None)  # raw text of an open tool-call region
@@ -88,7 +90,7 @@ class ToolCallParser:
                     content.append(
                         TOOL_CALL_OPEN + "".join(self._region or []) + (TOOL_CALL_CLOSE if closed else "")
                     )
-                else:
+                elif self.max_calls is None or len(self.calls) + len(new) < self.max_calls:
                     new.append(call)
                 self._region = None
         self.calls += new

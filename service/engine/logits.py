@@ -94,3 +94,13 @@ def _penalties(
         return scores
 
     return penalize
+
+
+#: One position's logprobs as numbers: ``(token id, logprob)`` of the chosen token, then the top k.
+RawLogprobs = tuple[tuple[int, float], ...]
+
+
+def position_logprobs(logprobs: torch.Tensor, token: int, k: int) -> RawLogprobs:
+    """``token``'s entry and the ``k`` largest of one position's ``logprobs`` row ``[vocab]``."""
+    values, ids = logprobs.topk(k) if k else (logprobs[:0], logprobs[:0].long())
+    return ((token, float(logprobs[token])), *zip(ids.tolist(), values.tolist(), strict=True))
