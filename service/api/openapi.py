@@ -41,6 +41,23 @@ class Endpoint:
 _BODY_ERRORS = (400, 413, 415, 422)
 _GENERATION_ERRORS = (*_BODY_ERRORS, 429, 500, 503)
 
+
+def _openai(
+    path: str, summary: str, ok: type[BaseModel], request: type[BaseModel], chunk: type[BaseModel]
+) -> Endpoint:
+    """An OpenAI generation endpoint: its stream is ``chunk`` events, an error event, then ``[DONE]``."""
+    return Endpoint(
+        "post",
+        path,
+        summary,
+        ok,
+        request=request,
+        errors=(*_GENERATION_ERRORS, 404),
+        stream_events=(chunk, protocol.StreamError),
+        stream_done=True,
+    )
+
+
 ENDPOINTS = (
     Endpoint(
         "post",
@@ -51,41 +68,36 @@ ENDPOINTS = (
         errors=_GENERATION_ERRORS,
         stream_events=(protocol.CompletionChunk,),
     ),
-    Endpoint(
-        "post",
+    _openai(
         paths.OPENAI_CHAT_COMPLETIONS,
         "OpenAI-compatible chat completion",
         protocol.OpenAIChatResponse,
-        request=protocol.OpenAIChatRequest,
-        errors=(*_GENERATION_ERRORS, 404),
-        stream_events=(protocol.OpenAIChatChunk, protocol.StreamError),
-        stream_done=True,
+        protocol.OpenAIChatRequest,
+        protocol.OpenAIChatChunk,
     ),
-    Endpoint(
-        "post",
+    _openai(
         paths.OPENAI_COMPLETIONS,
         "OpenAI-compatible (legacy) text completion",
         protocol.LegacyCompletionResponse,
-        request=protocol.LegacyCompletionRequest,
-        errors=(*_GENERATION_ERRORS, 404),
-        stream_events=(protocol.LegacyCompletionResponse, protocol.StreamError),
-        stream_done=True,
+        protocol.LegacyCompletionRequest,
+        protocol.LegacyCompletionResponse,
     ),
-    Endpoint(
-        "post",
-        paths.TOKENIZE,
-        "Token ids of a prompt or of chat messages (vLLM's shape)",
-        protocol.TokenizeResponse,
-        request=protocol.TokenizeRequest,
-        errors=(*_BODY_ERRORS, 404, 503),
-    ),
-    Endpoint(
-        "post",
-        paths.DETOKENIZE,
-        "Text of token ids (vLLM's shape)",
-        protocol.DetokenizeResponse,
-        request=protocol.DetokenizeRequest,
-        errors=(*_BODY_ERRORS, 404, 503),
+    *(
+        Endpoint("post", path, summary, ok, request=request, errors=(*_BODY_ERRORS, 404, 503))
+        for path, summary, ok, request in (
+            (
+                paths.TOKENIZE,
+                "Token ids of a prompt or of chat messages (vLLM's shape)",
+                protocol.TokenizeResponse,
+                protocol.TokenizeRequest,
+            ),
+            (
+                paths.DETOKENIZE,
+                "Text of token ids (vLLM's shape)",
+                protocol.DetokenizeResponse,
+                protocol.DetokenizeRequest,
+            ),
+        )
     ),
     Endpoint("get", paths.OPENAI_MODELS, "OpenAI-compatible model list", protocol.OpenAIModelList),
     Endpoint("get", paths.MODEL, "The serving model", protocol.ModelInfoResponse, errors=(503,)),
