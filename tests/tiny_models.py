@@ -76,6 +76,55 @@ def build_tiny_model(out_dir: Path, *, seed: int) -> Path:
     return out_dir
 
 
+def build_scripted_model(out_dir: Path, *, first_reply_token: str, then: str) -> Path:
+    """A model whose greedy (and, by a wide margin, sampled) reply is fixed: ``first_reply_token``
+    (added to the vocabulary as one plain token), then ``then`` (one token of the vocabulary) forever,
+    never an end-of-sequence token.
+
+    A 1-layer Llama turned into a bigram table: one-hot embeddings, attention and MLP outputs zeroed
+    (the residual stream is the current token's embedding), and an untied LM head whose rows say
+    which token follows which. Real weights, tokenizer and chat template, served like any model.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out_dir)
+    tokenizer.add_tokens([first_reply_token])
+    tokenizer.save_pretrained(out_dir)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    prompt_end = (ids["input_ids"] if hasattr(ids, "keys") else ids)[-1]
+    first, repeated = tokenizer.convert_tokens_to_ids([first_reply_token, then])
+    hidden = 512
+    assert len(tokenizer) <= hidden, "one-hot embeddings need a vocabulary no larger than hidden_size"
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).to(torch.float32)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(torch.eye(len(tokenizer), hidden))
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        head = torch.zeros(len(tokenizer), hidden)
+        head[first, prompt_end] = head[repeated, first] = head[repeated, repeated] = 5.0
+        model.lm_head.weight.copy_(head)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
 def install_in_hub_cache(model_dir: Path, hf_home: Path, repo_id: str, revision: str = "0" * 40) -> Path:
     """Lay ``model_dir`` out as ``$HF_HOME/hub/models--ORG--NAME`` so ``repo_id`` resolves offline."""
     repo_dir = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
