@@ -221,6 +221,10 @@ def test_deploy_follows_the_phases_to_ready(
     console: Console, server: ServerProcess, admin_token: str, tiny_model_b: Path, scripted_model: Path
 ) -> None:
     page = console.page
+    screenshot = os.environ.get("CONSOLE_SCREENSHOT")
+    if screenshot:  # a reply of the scripted model beside the deployment
+        console.chat("Hello!", max_tokens=12)
+        expect(page.locator("#chat-figures")).to_contain_text("usage")
     console.deploy(tiny_model_b.name, admin_token)
     expect(page.locator("#deploy-message")).to_contain_text(
         f"ready: {tiny_model_b} now serves", timeout=WAIT_MS
@@ -230,10 +234,11 @@ def test_deploy_follows_the_phases_to_ready(
     expect(phases).to_contain_text(
         [re.compile(p) for p in ("pending", "resolving", "loading", "warming", "ready")]
     )
-    if target := os.environ.get("CONSOLE_SCREENSHOT"):
-        console.chat("Hello!", max_tokens=12)
-        expect(page.locator("#chat-figures")).to_contain_text("usage")
-        page.screenshot(path=target)
+    if screenshot:
+        page.get_by_label("Admin token").fill("")
+        page.get_by_label("Admin token").blur()
+        page.set_viewport_size({"width": 1280, "height": 700})
+        page.screenshot(path=screenshot)
     # Put the scripted model back for whichever test runs next.
     httpx.post(
         f"{server.base_url}/model",

@@ -51,29 +51,40 @@ def build_tokenizer(out_dir: Path):
 def build_tiny_model(out_dir: Path, *, seed: int) -> Path:
     """Save a 2-layer Llama (random weights from ``seed``) plus tokenizer to ``out_dir``."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    torch.manual_seed(seed)
+    model = _llama(
+        tokenizer,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def _llama(tokenizer, **shape):
+    """A float32 Llama of ``shape`` (LlamaConfig fields) with ``tokenizer``'s vocabulary and special ids."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=1024,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+        **shape,
     )
-    torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.float32)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
+    return model
 
 
 def build_scripted_model(out_dir: Path, *, first_reply_token: str, then: str) -> Path:
@@ -86,7 +97,6 @@ def build_scripted_model(out_dir: Path, *, first_reply_token: str, then: str) ->
     which token follows which. Real weights, tokenizer and chat template, served like any model.
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out_dir)
@@ -97,20 +107,14 @@ def build_scripted_model(out_dir: Path, *, first_reply_token: str, then: str) ->
     first, repeated = tokenizer.convert_tokens_to_ids([first_reply_token, then])
     hidden = 512
     assert len(tokenizer) <= hidden, "one-hot embeddings need a vocabulary no larger than hidden_size"
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    model = _llama(
+        tokenizer,
         hidden_size=hidden,
         intermediate_size=32,
         num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=32768,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config).to(torch.float32)
     with torch.no_grad():
         model.model.embed_tokens.weight.copy_(torch.eye(len(tokenizer), hidden))
         for layer in model.model.layers:
@@ -119,8 +123,6 @@ def build_scripted_model(out_dir: Path, *, first_reply_token: str, then: str) ->
         head = torch.zeros(len(tokenizer), hidden)
         head[first, prompt_end] = head[repeated, first] = head[repeated, repeated] = 5.0
         model.lm_head.weight.copy_(head)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 

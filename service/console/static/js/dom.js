@@ -20,6 +20,10 @@ export function seconds(value) {
   return value === null || value === undefined ? '—' : `${Number(value).toFixed(value < 10 ? 2 : 1)} s`;
 }
 
+/** A timestamp in the reader's locale: the time alone when it is today. */
 export function when(iso) {
-  return iso ? new Date(iso).toLocaleString() : '—';
+  if (!iso) return '—';
+  const date = new Date(iso);
+  const today = date.toDateString() === new Date().toDateString();
+  return today ? date.toLocaleTimeString() : date.toLocaleString();
 }

@@ -18,7 +18,7 @@ export function setupLoad() {
         ['tokens/s', load.tokens_per_s.toFixed(1)],
         ['running', `${load.running} of ${load.max_running} slots`],
         ['queued', load.queued],
-        ['TTFT p95', `${seconds(load.ttft_p95_s)} (last ${span(load.ttft_window_s)})`],
+        ['TTFT p95', load.ttft_p95_s === null ? '—' : `${seconds(load.ttft_p95_s)} (last ${span(load.ttft_window_s)})`],
       ]);
     } catch {
       facts(list, [['load', 'unavailable']]);

@@ -43,7 +43,7 @@ function renderDeployment(container, deployment, progressEvent) {
     'ol',
     { class: 'phases', 'aria-label': 'Phases' },
     ...done.map(([phase, s]) => h('li', {}, `${phase} ${seconds(s)}`)),
-    h('li', { class: 'current', 'aria-current': 'step' }, deployment.phase),
+    h('li', { class: `current ${phaseClass(deployment.phase)}`, 'aria-current': 'step' }, deployment.phase),
   );
   const children = [
     h(
