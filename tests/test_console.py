@@ -105,8 +105,9 @@ class Console:
     def chat(self, text: str, *, max_tokens: int, temperature: float = 0.0) -> None:
         self.page.get_by_label("Max tokens").fill(str(max_tokens))
         self.page.get_by_label("Temperature").fill(str(temperature))
-        self.page.get_by_label("Message", exact=True).fill(text)
-        self.page.get_by_role("button", name="Send").click()
+        message = self.page.get_by_label("Message", exact=True)
+        message.fill(text)
+        message.press("Enter")  # the keyboard path: Enter sends, Shift+Enter starts a new line
 
     def deploy(self, model_id: str, token: str = "") -> None:
         self.page.get_by_label("Model id").fill(model_id)
@@ -153,6 +154,11 @@ def test_page_loads_without_errors_and_shows_the_serving_model(
     expect(page.locator("#history tbody tr")).to_have_count(1)
     expect(page.locator("#load")).to_contain_text("tokens/s")
     assert [e for e in console.errors if not event_stream_missing(server, e)] == []
+    unlabelled = page.evaluate(
+        "() => [...document.querySelectorAll('input, textarea, select')]"
+        ".filter((e) => e.labels.length === 0).map((e) => e.id)"
+    )
+    assert unlabelled == []
     headers = httpx.get(server.base_url + "/").headers
     assert headers["content-security-policy"] == CONTENT_SECURITY_POLICY
     assert headers["x-content-type-options"] == "nosniff"

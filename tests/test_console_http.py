@@ -3,13 +3,15 @@ off switch, and ``GET /status/load`` (its figures checked against known metric c
 
 from __future__ import annotations
 
+import glob
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service.api.console import CONTENT_SECURITY_POLICY
+from service.api.console import CONTENT_SECURITY_POLICY, STATIC_DIR
 from service.api.load import LATENCY_WINDOW_S, SAMPLE_INTERVAL_S, LoadSampler, quantile
 from service.metrics import ServingMetrics
 from tests.test_api import CHAT, assert_error, start
@@ -37,6 +39,18 @@ async def test_page_and_assets_carry_security_headers(
     for escape in ("/console/../settings.py", "/console/%2e%2e/settings.py"):
         response = await client.get(escape)
         assert_error(response.status, await response.json(), 404)
+
+
+def test_every_console_file_ships_in_the_package() -> None:
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    package_dir = STATIC_DIR.parent.parent  # service/
+    shipped = {
+        path
+        for pattern in pyproject["tool"]["setuptools"]["package-data"]["service"]
+        for path in glob.glob(pattern, root_dir=package_dir)
+    }
+    files = {str(f.relative_to(package_dir)) for f in STATIC_DIR.rglob("*") if f.is_file()}
+    assert files and files <= shipped, sorted(files - shipped)
 
 
 async def test_console_can_be_turned_off(aiohttp_client: Any, tmp_path: Path, tiny_model_a: Path) -> None:
