@@ -9,6 +9,7 @@ parser of the exposition format, and shows the last minutes as soon as it opens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -136,6 +137,8 @@ async def sampler_ctx(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(run(), name="load-sampler")
     yield
     task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 @routes.get(paths.STATUS_LOAD)
