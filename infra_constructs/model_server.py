@@ -195,6 +195,7 @@ class ModelServer(Construct):
         startup_timeout_s: how long the startup probe waits for ``/readyz`` (a cold download of a big
             model). Default: ``1800``.
         env: extra environment variables (e.g. ``{"SERVING_ALLOWED_MODELS": "org/*"}``). Default: none.
+        console: serve the web console at ``/`` (``SERVING_CONSOLE``). Default: ``True``.
         labels: extra labels on every object and the pods. Default: none.
     """
 
@@ -224,6 +225,7 @@ class ModelServer(Construct):
         startup_timeout_s: int = 1800,
         env: Mapping[str, str] | None = None,
         labels: Mapping[str, str] | None = None,
+        console: bool = True,
     ) -> None:
         super().__init__(scope, id)
         if replicas < 1:
@@ -264,7 +266,7 @@ class ModelServer(Construct):
                 max_running_requests=max_running_requests,
                 max_queued_requests=max_queued_requests,
                 shutdown_grace_s=shutdown_grace_s,
-                extra=env or {},
+                extra={env_name("console"): str(console).lower(), **(env or {})},
             ),
             pre_stop_delay_s=pre_stop_delay_s,
             startup_timeout_s=startup_timeout_s,

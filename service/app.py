@@ -10,7 +10,7 @@ import torch
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from service.api import completion, health, keys, models, openai_compat, openapi
+from service.api import completion, console, health, keys, load, models, openai_compat, openapi
 from service.api.errors import json_errors
 from service.api.middleware import ShutdownGate, body_limit, enable_cors, observe, shutdown_gate
 from service.engine import Engine
@@ -67,8 +67,11 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         request_timeout_s=settings.request_timeout_s,
         metrics=metrics,
     )
+    app[load.SAMPLER] = load.LoadSampler(metrics, max_running=settings.max_running_requests)
     # The engine outlives the manager on shutdown: in-flight requests finish before models unload.
-    app.cleanup_ctx.extend([_tokenizer_pool_ctx, _engine_ctx, _manager_ctx])
-    for module in (health, models, completion, openai_compat, openapi):
+    app.cleanup_ctx.extend([_tokenizer_pool_ctx, _engine_ctx, _manager_ctx, load.sampler_ctx])
+    for module in (health, models, completion, openai_compat, openapi, load):
         app.add_routes(module.routes)
+    if settings.console:
+        console.setup(app)
     return app

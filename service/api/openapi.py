@@ -74,6 +74,7 @@ ENDPOINTS = (
         admin=True,
     ),
     Endpoint("get", paths.STATUS, "Deployment status and history", protocol.StatusResponse),
+    Endpoint("get", paths.STATUS_LOAD, "The load at a glance (for the web console)", protocol.LoadSummary),
     Endpoint(
         "get",
         paths.HEALTHZ,

@@ -2,6 +2,8 @@
 
 COMPLETION = "/completion"
 STATUS = "/status"
+#: A small JSON summary of the load (tokens/s, running/queued, TTFT p95) for the web console.
+STATUS_LOAD = "/status/load"
 MODEL = "/model"
 METRICS = "/metrics"
 HEALTHZ = "/healthz"
