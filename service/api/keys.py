@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from aiohttp import web
+from opentelemetry import trace
 
 from service.api.middleware import ShutdownGate
 from service.engine import Engine
@@ -15,3 +16,5 @@ METRICS = web.AppKey("metrics", ServingMetrics)
 MANAGER = web.AppKey("manager", ModelManager)
 ENGINE = web.AppKey("engine", Engine)
 GATE = web.AppKey("shutdown_gate", ShutdownGate)
+#: Tracer for the spans the HTTP layer adds under the request's span (a no-op one when tracing is off).
+TRACER = web.AppKey("tracer", trace.Tracer)

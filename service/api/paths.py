@@ -2,6 +2,7 @@
 
 COMPLETION = "/completion"
 STATUS = "/status"
+STATUS_EVENTS = "/status/events"
 MODEL = "/model"
 METRICS = "/metrics"
 HEALTHZ = "/healthz"
