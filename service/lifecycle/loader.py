@@ -154,9 +154,8 @@ def load(
 
 
 def weight_bytes(handle: ModelHandle) -> int:
-    """Bytes the model's parameters and buffers take in memory (tied weights counted once)."""
-    model = handle.model
-    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    """Bytes the model's parameters take in memory (tied weights counted once)."""
+    return sum(p.numel() * p.element_size() for p in handle.model.parameters())
 
 
 def warm_up(handle: ModelHandle) -> None:
