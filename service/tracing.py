@@ -79,7 +79,7 @@ def instrumented_application(provider: TracerProvider, **kwargs: Any) -> web.App
 
 
 def _ns(seconds: float) -> int:
-    return int(seconds * 1e9)
+    return round(seconds * 1e9)
 
 
 def record_generation(tracer: trace.Tracer, result: GenerationResult, model_id: str) -> None:
@@ -108,18 +108,20 @@ def record_generation(tracer: trace.Tracer, result: GenerationResult, model_id: 
     decode: dict[str, Any] = {_OUTPUT_TOKENS: t.completion_tokens}
     if t.decode_tokens_per_s is not None:
         decode["decode_tokens_per_s"] = round(t.decode_tokens_per_s, 2)
-    prefill_start = t.submitted_at + t.queue_s
-    decode_start = prefill_start + t.prefill_s
-    engine_end = t.submitted_at + t.total_s
+    # In integer nanoseconds: float epoch seconds cannot hold sub-microsecond offsets.
+    submitted = _ns(t.submitted_at)
+    prefill_start = submitted + _ns(t.queue_s)
+    decode_start = prefill_start + _ns(t.prefill_s)
+    engine_end = submitted + _ns(t.total_s)
     finish = {_FINISH_REASONS: (result.finish_reason.value,)}
     for name, begin, end, attributes in (
-        ("queue", t.submitted_at, prefill_start, {}),
+        ("queue", submitted, prefill_start, {}),
         ("prefill", prefill_start, decode_start, {_INPUT_TOKENS: t.prompt_tokens}),
-        ("decode", decode_start, decode_start + t.decode_s, decode),
-        ("finish", engine_end, max(engine_end, time.time()), finish),
+        ("decode", decode_start, decode_start + _ns(t.decode_s), decode),
+        ("finish", engine_end, max(engine_end, time.time_ns()), finish),
     ):
-        span = tracer.start_span(name, context=context, start_time=_ns(begin), attributes=attributes)
-        span.end(end_time=_ns(end))
+        span = tracer.start_span(name, context=context, start_time=begin, attributes=attributes)
+        span.end(end_time=end)
 
 
 class DeploymentTrace:
