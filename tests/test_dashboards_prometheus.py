@@ -53,9 +53,21 @@ TRAFFIC_S = 8.0
 CONCURRENCY = 4
 
 #: Queries ("<panel title>/<refId>") that stay empty after healthy traffic, and why.
-# Every panel has data after the traffic: even the rejected/cancelled counters, which the server
-# creates at 0 for each known reason so their rate() is 0 rather than absent.
-EXPECTED_EMPTY: set[str] = set()
+# The rejected/cancelled counters have data: the server creates them at 0 for each known reason.
+# The engine's per-request histograms (queue, prefill, decode, end-to-end latency, prompt and
+# generation lengths) are defined but not yet observed by the engine on this branch; they fill in
+# (and these entries must go) once the engine observes them.
+EXPECTED_EMPTY: set[str] = {
+    "Request time by phase (mean)/A",
+    "Request time by phase (mean)/B",
+    "Request time by phase (mean)/C",
+    "Queue time share of latency/A",
+    "Engine latency p95 by finish reason/A",
+    "Prompt length p50 / p95/A",
+    "Prompt length p50 / p95/B",
+    "Generation length p50 / p95/A",
+    "Generation length p50 / p95/B",
+}
 
 
 def wait_for(what: str, condition: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
