@@ -15,6 +15,8 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
 from service.lifecycle.events import LISTENER_BUFFER, EventHub, EventType
+from service.metrics import MODEL_DOWNLOAD_BYTES_TOTAL
+from tests.hub_double import serving_repo
 from tests.server_process import running_server
 from tests.test_api import ADMIN, CHAT, broken_copy, deploy, start, wait_for_phase
 
@@ -210,3 +212,34 @@ def test_fifty_listeners_do_not_change_any_request(
             )
         # Connected listeners do not hold up a graceful shutdown: their streams end with the server.
         assert server.terminate() == 0
+
+
+def test_a_hub_download_streams_byte_progress_and_counts_its_bytes(
+    tmp_path: Path, tiny_model_a: Path, tiny_model_b: Path
+) -> None:
+    repo_bytes = sum(path.stat().st_size for path in tiny_model_b.iterdir() if path.is_file())
+    with serving_repo("remote-org/tiny-chat", tiny_model_b) as endpoint:
+        env = {"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
+        with running_server(tmp_path, model=str(tiny_model_a), env=env) as server:
+
+            async def deploy_and_listen() -> list[Sse]:
+                async with (
+                    httpx.AsyncClient(base_url=server.base_url, timeout=120) as http,
+                    http.stream("GET", "/status/events") as response,
+                ):
+                    events = sse_events(response.aiter_lines())
+                    assert (await anext(events)).type == "snapshot"
+                    deployed = await http.post("/model", json={"model_id": "remote-org/tiny-chat"})
+                    assert deployed.status_code == 202, deployed.text
+                    return await _until_outcome(events, deployed.json()["id"])
+
+            seen = asyncio.run(deploy_and_listen())
+            metrics = httpx.get(f"{server.base_url}/metrics").text
+    phases = [e.data["phase"] for e in seen if e.type == "phase"]
+    assert phases == ["pending", "downloading", "loading", "warming", "ready"], seen[-1]
+    download = [e.data for e in seen if e.type == "progress" and e.data["stage"] == "download"]
+    assert download and {p["unit"] for p in download} == {"bytes"}
+    done = [p["done"] for p in download]
+    assert done == sorted(done) and download[-1]["done"] == download[-1]["total"] == repo_bytes, download
+    assert seen[-1].data["progress"]["bytes_done"] == repo_bytes
+    assert f"{MODEL_DOWNLOAD_BYTES_TOTAL} {float(repo_bytes)}" in metrics

@@ -65,8 +65,10 @@ class Subscription:
         self._hub._listeners.discard(self)
         self._wakeup.set()
 
-    async def next(self, timeout_s: float) -> Event | None:
-        """The next event; None after ``timeout_s`` without one. Raises StopAsyncIteration once closed."""
+    async def next(self, timeout_s: float | None) -> Event | None:
+        """The next event; None after ``timeout_s`` (None: no limit) without one.
+
+        Raises StopAsyncIteration once closed and drained."""
         while not self._buffer:
             if self.closed:
                 raise StopAsyncIteration
@@ -81,8 +83,8 @@ class Subscription:
         return self
 
     async def __anext__(self) -> Event:
-        while (event := await self.next(3600)) is None:
-            pass
+        event = await self.next(None)
+        assert event is not None  # only a timeout gives None
         return event
 
 
