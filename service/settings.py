@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     )
 
     # --- lifecycle ---
+    events_heartbeat_s: float = Field(
+        15.0, gt=0, description="Seconds between heartbeat events on an idle GET /status/events stream."
+    )
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from opentelemetry import trace
 
+from service import tracing
 from service.api import keys
 from service.api.errors import ApiError, engine_dead, model_not_ready, shutting_down
 from service.api.protocol import ChatMessage, SamplingFields, Usage
@@ -26,15 +28,23 @@ from service.engine.types import (
 )
 from service.handle import ChatTemplateError, ModelHandle
 
+#: Headers of every Server-Sent Events response (no proxy buffering, no caching).
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
 
 @dataclass
 class Admitted:
     handle: ModelHandle
     stream: GenerationStream
+    tracer: trace.Tracer
 
     @property
     def model_id(self) -> str:
         return self.handle.info.model_id
+
+    def trace(self, result: GenerationResult) -> None:
+        """Add the finished generation to the request's span (its phases, token counts)."""
+        tracing.record_generation(self.tracer, result, self.model_id)
 
 
 async def admit(
@@ -103,7 +113,7 @@ async def admit(
     except EngineDeadError as exc:
         raise engine_dead(exc.reason) from exc
     request["request_id"] = stream.request_id
-    return Admitted(handle, stream)
+    return Admitted(handle, stream, app[keys.TRACER])
 
 
 def usage_of(result: GenerationResult) -> Usage:
@@ -142,6 +152,7 @@ def timings_of(request: web.Request, result: GenerationResult) -> dict[str, Any]
 async def collect(admitted: Admitted) -> GenerationResult:
     """The whole result (a client that goes away cancels the stream, freeing its slot at the next step)."""
     result = await admitted.stream.collect()
+    admitted.trace(result)
     if result.finish_reason is FinishReason.ERROR:
         raise ApiError(500, f"generation failed: {result.error}", type="generation_error")
     return result
@@ -151,15 +162,15 @@ async def sse_stream(
     request: web.Request, admitted: Admitted, events: AsyncIterator[dict | str]
 ) -> web.StreamResponse:
     """Send each event as ``data: <json>``; a disconnect mid-stream cancels the generation."""
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
+    response = web.StreamResponse(headers=SSE_HEADERS)
     response.headers["X-Request-Id"] = admitted.stream.request_id
     await response.prepare(request)
     try:
         async for event in events:
             data = event if isinstance(event, str) else json.dumps(event, separators=(",", ":"))
             await response.write(f"data: {data}\n\n".encode())
+        if admitted.stream.result is not None:
+            admitted.trace(admitted.stream.result)
     finally:  # a disconnect (cancelled handler, reset write) must not leave the generation running
         admitted.stream.cancel()
     await response.write_eof()

@@ -33,6 +33,7 @@ class Endpoint:
     errors: tuple[int, ...] = ()
     stream_event: type[BaseModel] | None = None  # JSON payload of each SSE event, when streaming
     streams: bool = False  # also answers text/event-stream when the body asks for it
+    events: str = ""  # answers only text/event-stream, with events as described here
     extra_ok: dict[int, type[BaseModel]] = field(default_factory=dict)
     admin: bool = False
 
@@ -77,6 +78,15 @@ ENDPOINTS = (
     Endpoint("get", paths.STATUS_LOAD, "The load at a glance (for the web console)", protocol.LoadSummary),
     Endpoint(
         "get",
+        paths.STATUS_EVENTS,
+        "Deployment events as they happen (Server-Sent Events; Last-Event-ID resumes)",
+        None,
+        errors=(400,),
+        events="event snapshot (GET /status body, first), phase, progress, outcome (deployment "
+        "changes, with monotonic ids) and heartbeat; data is JSON",
+    ),
+    Endpoint(
+        "get",
         paths.HEALTHZ,
         "Liveness probe (503 once the engine has died)",
         protocol.HealthResponse,
@@ -93,7 +103,7 @@ ENDPOINTS = (
 )
 
 
-def _sse_event(payload: type[BaseModel] | None) -> dict[str, Any]:
+def _sse_event(payload: type[BaseModel] | None, description: str) -> dict[str, Any]:
     """Schema of one event (OpenAPI 3.1 style): its ``data`` is JSON of ``payload`` when given."""
     data: dict[str, Any] = {"type": "string"}
     if payload is not None:
@@ -101,8 +111,8 @@ def _sse_event(payload: type[BaseModel] | None) -> dict[str, Any]:
             "contentMediaType": "application/json",
             "contentSchema": {"$ref": _REF.format(model=payload.__name__)},
         }
-    else:  # OpenAI chunks, then the literal [DONE]
-        data["description"] = "JSON chat.completion.chunk objects, then the literal [DONE]"
+    else:
+        data["description"] = description
     return {"type": "object", "required": ["data"], "properties": {"data": data}}
 
 
@@ -120,7 +130,11 @@ def document() -> dict[str, Any]:
     for e in ENDPOINTS:
         ok_content = _json(e.ok) if e.ok else {"text/plain": _TEXT}
         if e.streams:
-            ok_content = {**ok_content, "text/event-stream": {"schema": _sse_event(e.stream_event)}}
+            # OpenAI's stream: chunks, then the literal [DONE]
+            chunks = _sse_event(e.stream_event, "JSON chat.completion.chunk objects, then the literal [DONE]")
+            ok_content = {**ok_content, "text/event-stream": {"schema": chunks}}
+        if e.events:
+            ok_content = {"text/event-stream": {"schema": _sse_event(None, e.events)}}
         responses: dict[str, Any] = {str(e.ok_status): {"description": "OK", "content": ok_content}}
         for status, model in e.extra_ok.items():
             responses[str(status)] = {"description": "OK", "content": _json(model)}
