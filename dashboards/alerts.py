@@ -110,7 +110,6 @@ def _model(job: str) -> list[Alert]:
         m.REQUESTS_REJECTED_TOTAL, j, 'reason="queue_full"', window=WINDOW, group=("namespace", "pod")
     )
     waiting = f"max by (namespace, pod) (avg_over_time({selector(m.NUM_REQUESTS_WAITING, j)}[{WINDOW}]))"
-    serving = f"count by (namespace, job, model_id) ({selector(m.MODEL_INFO, j)} == 1)"
     queue_share = ratio(
         f"{m.REQUEST_QUEUE_TIME_SECONDS}_sum",
         f"{m.E2E_REQUEST_LATENCY_SECONDS}_sum",
@@ -140,14 +139,6 @@ def _model(job: str) -> list[Alert]:
             f"Over {WINDOW} the replica refused requests with 429 (queue full) or kept more than "
             f"{limits.QUEUE_WAITING_WARNING} requests waiting for a batch slot: it needs more replicas.",
         ),
-    ]
-
-
-def _fleet(job: str) -> list[Alert]:
-    """Cluster mode only: the expressions keep replicas that export a desired model (dashboards.fleet)."""
-    j = f'job="{job}"'
-    replica = "{{ $labels.namespace }}/{{ $labels.pod }}"
-    return [
         Alert(
             "ModelServerQueueTimeDominates",
             # Without traffic the ratio is 0/0 (no sample), so an idle replica never fires.
@@ -160,6 +151,14 @@ def _fleet(job: str) -> list[Alert]:
             "was waiting for a batch slot: requests are slow because the replica is full, not because "
             "the model is slow. Add replicas or batch slots.",
         ),
+    ]
+
+
+def _fleet(job: str) -> list[Alert]:
+    """Cluster mode only: the expressions keep replicas that export a desired model (dashboards.fleet)."""
+    j = f'job="{job}"'
+    replica = "{{ $labels.namespace }}/{{ $labels.pod }}"
+    return [
         Alert(
             "ModelServersDisagree",
             f"{replica_gauge(m.FLEET_REPLICA_CONVERGED, j)} == 0",

@@ -133,15 +133,6 @@ def console(browser: Browser, server: ServerProcess) -> Iterator[Console]:
     context.close()
 
 
-def event_stream_missing(server: ServerProcess, error: str) -> bool:
-    """Whether ``error`` is the browser's log of a 404 from a server without ``/status/events``
-    (the console then polls ``/status``); with the event stream in place no error is excused."""
-    if f"{server.base_url}/status/events" not in error:
-        return False
-    with httpx.stream("GET", f"{server.base_url}/status/events") as response:
-        return response.status_code == 404
-
-
 def cancelled(server: ServerProcess) -> float:
     text = httpx.get(f"{server.base_url}/metrics").text
     match = re.search(rf'^{REQUESTS_CANCELLED_TOTAL}{{reason="client_disconnected"}} (\S+)$', text, re.M)
@@ -158,7 +149,7 @@ def test_page_loads_without_errors_and_shows_the_serving_model(
     expect(page.locator("#deployment [data-phase]")).to_have_text("ready")
     expect(page.locator("#history tbody tr")).to_have_count(1)
     expect(page.locator("#load")).to_contain_text("tokens/s")
-    assert [e for e in console.errors if not event_stream_missing(server, e)] == []
+    assert console.errors == []
     unlabelled = page.evaluate(
         "() => [...document.querySelectorAll('input, textarea, select')]"
         ".filter((e) => e.labels.length === 0).map((e) => e.id)"
