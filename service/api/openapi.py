@@ -34,6 +34,7 @@ class Endpoint:
     # JSON payloads of the SSE events (also answers text/event-stream when the body asks for it)
     stream_events: tuple[type[BaseModel], ...] = ()
     stream_done: bool = False  # the stream ends with the literal event data [DONE]
+    events: str = ""  # answers only text/event-stream, with events as described here
     extra_ok: dict[int, type[BaseModel]] = field(default_factory=dict)
     admin: bool = False
 
@@ -113,6 +114,16 @@ ENDPOINTS = (
         admin=True,
     ),
     Endpoint("get", paths.STATUS, "Deployment status and history", protocol.StatusResponse),
+    Endpoint("get", paths.STATUS_LOAD, "The load at a glance (for the web console)", protocol.LoadSummary),
+    Endpoint(
+        "get",
+        paths.STATUS_EVENTS,
+        "Deployment events as they happen (Server-Sent Events; Last-Event-ID resumes)",
+        None,
+        errors=(400,),
+        events="event snapshot (GET /status body, first), phase, progress, outcome (deployment "
+        "changes, with monotonic ids) and heartbeat; data is JSON",
+    ),
     Endpoint(
         "get",
         paths.HEALTHZ,
@@ -131,15 +142,20 @@ ENDPOINTS = (
 )
 
 
-def _sse_event(payloads: tuple[type[BaseModel], ...], done: bool) -> dict[str, Any]:
-    """Schema of one event (OpenAPI 3.1 style): its ``data`` is JSON of one of ``payloads``, or the
-    literal ``[DONE]`` when ``done``."""
-    refs = [{"$ref": _REF.format(model=p.__name__)} for p in payloads]
-    data: dict[str, Any] = {
-        "type": "string",
-        "contentMediaType": "application/json",
-        "contentSchema": refs[0] if len(refs) == 1 else {"anyOf": refs},
-    }
+def _sse_event(
+    payloads: tuple[type[BaseModel], ...], done: bool = False, description: str = ""
+) -> dict[str, Any]:
+    """Schema of one event (OpenAPI 3.1 style): its ``data`` is JSON of one of ``payloads`` (else
+    what ``description`` says), or the literal ``[DONE]`` when ``done``."""
+    data: dict[str, Any] = {"type": "string"}
+    if payloads:
+        refs = [{"$ref": _REF.format(model=p.__name__)} for p in payloads]
+        data |= {
+            "contentMediaType": "application/json",
+            "contentSchema": refs[0] if len(refs) == 1 else {"anyOf": refs},
+        }
+    else:
+        data["description"] = description
     if done:
         data = {"anyOf": [data, {"type": "string", "const": "[DONE]"}]}
     return {"type": "object", "required": ["data"], "properties": {"data": data}}
@@ -163,6 +179,8 @@ def document() -> dict[str, Any]:
                 **ok_content,
                 "text/event-stream": {"schema": _sse_event(e.stream_events, e.stream_done)},
             }
+        if e.events:
+            ok_content = {"text/event-stream": {"schema": _sse_event((), description=e.events)}}
         responses: dict[str, Any] = {str(e.ok_status): {"description": "OK", "content": ok_content}}
         for status, model in e.extra_ok.items():
             responses[str(status)] = {"description": "OK", "content": _json(model)}

@@ -275,6 +275,21 @@ class StatusResponse(BaseModel):
     history: list[DeploymentResponse]
 
 
+class LoadSummary(BaseModel):
+    """The load at a glance, from the server's own metrics (``GET /status/load``)."""
+
+    running: int = Field(description="Sequences being generated now.")
+    queued: int = Field(description="Requests waiting for a batch slot.")
+    max_running: int = Field(description="Batch slots.")
+    tokens_per_s: float = Field(description="Completion tokens per second over tokens_window_s.")
+    tokens_window_s: float = Field(description="Seconds the rate covers (0 until a sample is old enough).")
+    ttft_p95_s: float | None = Field(
+        description="95th percentile time to first token in seconds over ttft_window_s, estimated from "
+        "histogram buckets as Prometheus' histogram_quantile does; null without requests."
+    )
+    ttft_window_s: float = Field(description="Seconds the percentile covers (up to 300).")
+
+
 class HealthResponse(BaseModel):
     status: Literal["ok", "ready"]
 
