@@ -36,13 +36,17 @@ $(VENV)/.bench: $(VENV)/.dev
 	$(PIP) install -q -e '.[infra,dev,bench]'
 	touch $@
 
-# Prometheus + promtool back the monitoring tests (Debian package; CI runs as root).
+# Prometheus + promtool back the monitoring tests, Chromium the console's browser tests (Debian
+# packages; CI runs as root).
 $(VENV)/.system:
 	command -v promtool >/dev/null || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	command -v chromium >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 	touch $@
 
 serve: $(VENV)/.base  ## Serve the bundled default model on http://127.0.0.1:8000.
+	@echo "Console: open http://127.0.0.1:8000/ once the model is ready (Ctrl-C stops the server)."
 	$(PY) -m service
 
 test: $(VENV)/.dev $(VENV)/.system  ## Run the whole test suite (slow tests included).

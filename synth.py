@@ -97,6 +97,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     add("--max-queued-requests", type=int, default=None, help="SERVING_MAX_QUEUED_REQUESTS (server default)")
     add("--shutdown-grace-s", type=float, default=_SERVER["shutdown_grace_s"], help="drain time" + d)
+    add("--no-console", action="store_true", help="turn off the web console at / (SERVING_CONSOLE=false)")
+    add("--otlp-endpoint", default=None, help="OTLP/HTTP collector URL to export traces to (default: off)")
     add("--no-monitoring", action="store_true", help="skip ServiceMonitor, PrometheusRule and dashboards")
     add("--dashboards-namespace", default=MONITORING_NAMESPACE, help="namespace of the dashboards" + d)
     return parser.parse_args(argv)
@@ -140,6 +142,8 @@ def build(args: argparse.Namespace) -> cdk8s.App:
         max_running_requests=args.max_running_requests,
         max_queued_requests=args.max_queued_requests,
         shutdown_grace_s=args.shutdown_grace_s,
+        console=not args.no_console,
+        otlp_endpoint=args.otlp_endpoint,
     )
     if not args.no_monitoring:
         monitoring = cdk8s.Chart(app, MONITORING_CHART, namespace=args.namespace)

@@ -12,7 +12,7 @@ from typing import Any
 
 from dashboards import thresholds as limits
 from dashboards.fleet import replica_gauge
-from dashboards.promql import quantile, rate, selector
+from dashboards.promql import quantile, rate, ratio, selector
 from service import metrics as m
 from service.api import paths
 
@@ -110,6 +110,13 @@ def _model(job: str) -> list[Alert]:
         m.REQUESTS_REJECTED_TOTAL, j, 'reason="queue_full"', window=WINDOW, group=("namespace", "pod")
     )
     waiting = f"max by (namespace, pod) (avg_over_time({selector(m.NUM_REQUESTS_WAITING, j)}[{WINDOW}]))"
+    queue_share = ratio(
+        f"{m.REQUEST_QUEUE_TIME_SECONDS}_sum",
+        f"{m.E2E_REQUEST_LATENCY_SECONDS}_sum",
+        j,
+        window=WINDOW,
+        group=("namespace", "pod"),
+    )
     return [
         Alert(
             "ModelDeploymentFailed",
@@ -131,6 +138,18 @@ def _model(job: str) -> list[Alert]:
             "Model server {{ $labels.namespace }}/{{ $labels.pod }} queue is saturated",
             f"Over {WINDOW} the replica refused requests with 429 (queue full) or kept more than "
             f"{limits.QUEUE_WAITING_WARNING} requests waiting for a batch slot: it needs more replicas.",
+        ),
+        Alert(
+            "ModelServerQueueTimeDominates",
+            # Without traffic the ratio is 0/0 (no sample), so an idle replica never fires.
+            f"{queue_share} > {limits.QUEUE_TIME_SHARE_WARNING:g}",
+            "10m",
+            "warning",
+            "Requests on {{ $labels.namespace }}/{{ $labels.pod }} spend {{ $value | humanizePercentage }} "
+            "of their time queued",
+            f"For 10 minutes more than {limits.QUEUE_TIME_SHARE_WARNING:.0%} of the engine's request latency "
+            "was waiting for a batch slot: requests are slow because the replica is full, not because "
+            "the model is slow. Add replicas or batch slots.",
         ),
     ]
 

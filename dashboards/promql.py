@@ -42,6 +42,17 @@ def quantile(q: float, histogram: str, *matchers: str, window: str, group: Seque
     return f"histogram_quantile({q}, {buckets})"
 
 
+def ratio(numerator: str, denominator: str, *matchers: str, window: str, group: Sequence[str] = ()) -> str:
+    """Rate of counter ``numerator`` over rate of counter ``denominator``, per ``group``."""
+    over = {"window": window, "group": group}
+    return f"{rate(numerator, *matchers, **over)} / {rate(denominator, *matchers, **over)}"
+
+
+def mean(histogram: str, *matchers: str, window: str, group: Sequence[str] = ()) -> str:
+    """Mean observation of a Prometheus histogram over ``window``, per ``group``."""
+    return ratio(f"{histogram}_sum", f"{histogram}_count", *matchers, window=window, group=group)
+
+
 def grafana_rate_interval(step_s: float, scrape_interval_s: float) -> str:
     """What Grafana substitutes for ``$__rate_interval``: max(step + scrape interval, 4 x scrape interval).
 

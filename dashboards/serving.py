@@ -1,6 +1,7 @@
 """The model server's Grafana dashboard: traffic, latency, the serving model and its deployments, the
 fleet (cluster mode: desired model, convergence, rollouts, API connection), generation (tokens, time
-to first token, queue), and the Python process (memory, CPU, GC, uptime).
+to first token, queue), where request time goes (queue, prefill, decode), the model lifecycle (phases,
+downloads, resident weights), and the Python process (memory, CPU, GC).
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ from dashboards.promql import (
     NAMESPACE_VAR,
     POD_VAR,
     RATE_INTERVAL,
+    mean,
     quantile,
     rate,
+    ratio,
     selector,
 )
 from service import metrics as m
@@ -258,6 +261,121 @@ def _generation() -> list[Builder]:
     ]
 
 
+def _lifetime_mean(histogram: str, group: str) -> str:
+    """Mean of a histogram over each process's lifetime: deployments are too rare for a rate window."""
+    total = f"sum by ({group}) ({selector(f'{histogram}_sum', S)})"
+    return f"{total} / sum by ({group}) ({selector(f'{histogram}_count', S)})"
+
+
+def _request_phases() -> list[Builder]:
+    engine_latency = m.E2E_REQUEST_LATENCY_SECONDS
+    return [
+        time_series(
+            "Request time by phase (mean)",
+            "Where a request's time goes, per request on average: waiting for a batch slot (queue), the "
+            "prompt's forward pass (prefill), then generating the rest (decode). A growing queue share "
+            "means too few replicas; a growing decode share means a slower model or longer answers.",
+            [
+                Query(mean(m.REQUEST_QUEUE_TIME_SECONDS, S, window=W), "queue"),
+                Query(mean(m.REQUEST_PREFILL_TIME_SECONDS, S, window=W), "prefill"),
+                Query(mean(m.REQUEST_DECODE_TIME_SECONDS, S, window=W), "decode"),
+            ],
+            unit="s",
+            width=8,
+        ),
+        time_series(
+            "Queue time share of latency",
+            "Share of the engine's request latency spent waiting for a batch slot, per replica; the "
+            "alert fires above the line.",
+            [
+                Query(
+                    ratio(
+                        f"{m.REQUEST_QUEUE_TIME_SECONDS}_sum",
+                        f"{engine_latency}_sum",
+                        S,
+                        window=W,
+                        group=("pod",),
+                    ),
+                    "{{pod}}",
+                )
+            ],
+            unit="percentunit",
+            width=8,
+            limits=thresholds(GREEN, (limits.QUEUE_TIME_SHARE_WARNING, YELLOW)),
+        ),
+        time_series(
+            "Engine latency p95 by finish reason",
+            "Time from a request accepted by the engine to its end, by why it ended (stop, length, "
+            "cancelled, timeout, error).",
+            [
+                Query(
+                    quantile(0.95, engine_latency, S, window=W, group=("finish_reason",)),
+                    "{{finish_reason}}",
+                )
+            ],
+            unit="s",
+            width=8,
+        ),
+        time_series(
+            "KV cache tokens",
+            "Token positions held in each replica's KV cache (rows x columns, left padding included).",
+            [Query(f"sum by (pod) ({selector(m.KV_CACHE_TOKENS, S)})", "{{pod}}")],
+            unit="short",
+            width=8,
+        ),
+        time_series(
+            "Prompt length p50 / p95",
+            "Prompt tokens of finished requests (after the chat template).",
+            _latency_quantiles(m.REQUEST_PROMPT_TOKENS, (0.5, 0.95)),
+            unit="short",
+            width=8,
+        ),
+        time_series(
+            "Generation length p50 / p95",
+            "Completion tokens of finished requests.",
+            _latency_quantiles(m.REQUEST_GENERATION_TOKENS, (0.5, 0.95)),
+            unit="short",
+            width=8,
+        ),
+    ]
+
+
+def _lifecycle() -> list[Builder]:
+    return [
+        time_series(
+            "Deployment phase durations (mean)",
+            "Mean time deployments spent in each phase, over each process's lifetime "
+            "(pending, resolving, downloading, loading, warming).",
+            [Query(_lifetime_mean(m.DEPLOYMENT_PHASE_DURATION_SECONDS, "phase"), "{{phase}}")],
+            unit="s",
+            width=6,
+        ),
+        time_series(
+            "Download throughput",
+            "Bytes of model files downloaded from the hub per second, per replica.",
+            [Query(rate(m.MODEL_DOWNLOAD_BYTES_TOTAL, S, window=W, group=("pod",)), "{{pod}}")],
+            unit="Bps",
+            width=6,
+        ),
+        time_series(
+            "Resident model weights",
+            "Bytes of model weights in memory per replica: it doubles during a swap, while the old model "
+            "still serves, and drops once the old model is freed.",
+            [Query(f"sum by (pod) ({selector(m.MODEL_WEIGHTS_BYTES, S)})", "{{pod}}")],
+            unit="bytes",
+            width=6,
+        ),
+        time_series(
+            "Swap duration (mean)",
+            "Mean time a swap to a ready model took (switch, record, free the old model), over each "
+            "process's lifetime.",
+            [Query(_lifetime_mean(m.MODEL_SWAP_DURATION_SECONDS, "pod"), "{{pod}}")],
+            unit="s",
+            width=6,
+        ),
+    ]
+
+
 def _process() -> list[Builder]:
     return [
         time_series(
@@ -302,6 +420,8 @@ _SECTIONS = (
     ("Model", _model),
     ("Fleet", fleet_panels),
     ("Generation", _generation),
+    ("Request phases", _request_phases),
+    ("Model lifecycle", _lifecycle),
     ("Process", _process),
 )
 

@@ -15,6 +15,10 @@ TIME_TO_FIRST_TOKEN_WARNING_S = 2.0
 #: Requests waiting for a batch slot, per replica, that count as a saturated queue.
 QUEUE_WAITING_WARNING = 16
 
+#: Share of the engine's request latency spent waiting for a batch slot above which the replica is
+#: short of capacity (requests are slow because queued, not because decoding is slow).
+QUEUE_TIME_SHARE_WARNING = 0.5
+
 #: A process younger than this has restarted recently (uptime panel turns green after it).
 RECENT_RESTART_S = 300
 

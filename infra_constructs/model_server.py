@@ -12,7 +12,7 @@ from constructs import Construct
 
 from infra_constructs._k8s import k8s
 from infra_constructs.conventions import MONITORING_NAMESPACE, PART_OF_LABEL
-from service.api.paths import HEALTHZ, HTTP_PORT_NAME, READYZ
+from service.api.paths import HEALTHZ, HTTP_PORT_NAME, METRICS, READYZ
 from service.settings import BUNDLED_MODEL_ALIAS, DEFAULT_PORT, ENV_PREFIX, Settings
 
 #: Image ``synth.py`` deploys by default: the one the README builds and loads into minikube.
@@ -194,7 +194,11 @@ class ModelServer(Construct):
         pre_stop_delay_s: ``preStop`` sleep so endpoints drop the pod before SIGTERM. Default: ``5``.
         startup_timeout_s: how long the startup probe waits for ``/readyz`` (a cold download of a big
             model). Default: ``1800``.
+        otlp_endpoint: OTLP/HTTP collector base URL (e.g. ``http://otel-collector.monitoring:4318``)
+            to export traces to, as ``OTEL_EXPORTER_OTLP_ENDPOINT``, with ``OTEL_SERVICE_NAME`` set to
+            ``name`` and probes and scrapes left untraced. Default: ``None`` (tracing off).
         env: extra environment variables (e.g. ``{"SERVING_ALLOWED_MODELS": "org/*"}``). Default: none.
+        console: serve the web console at ``/`` (``SERVING_CONSOLE``). Default: ``True``.
         labels: extra labels on every object and the pods. Default: none.
     """
 
@@ -222,8 +226,10 @@ class ModelServer(Construct):
         shutdown_grace_s: float = Settings.model_fields["shutdown_grace_s"].default,
         pre_stop_delay_s: int = 5,
         startup_timeout_s: int = 1800,
+        otlp_endpoint: str | None = None,
         env: Mapping[str, str] | None = None,
         labels: Mapping[str, str] | None = None,
+        console: bool = True,
     ) -> None:
         super().__init__(scope, id)
         if replicas < 1:
@@ -264,7 +270,11 @@ class ModelServer(Construct):
                 max_running_requests=max_running_requests,
                 max_queued_requests=max_queued_requests,
                 shutdown_grace_s=shutdown_grace_s,
-                extra=env or {},
+                extra={
+                    env_name("console"): str(console).lower(),
+                    **self._tracing_env(otlp_endpoint),
+                    **(env or {}),
+                },
             ),
             pre_stop_delay_s=pre_stop_delay_s,
             startup_timeout_s=startup_timeout_s,
@@ -400,6 +410,18 @@ class ModelServer(Construct):
                 k8s.Subject(kind="ServiceAccount", name=self.service_account.name, namespace=namespace)
             ],
         )
+
+    def _tracing_env(self, otlp_endpoint: str | None) -> dict[str, str]:
+        if otlp_endpoint is None:
+            return {}
+        return {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint,
+            "OTEL_SERVICE_NAME": self.name,
+            # Probes and scrapes every few seconds would bury the requests worth tracing.
+            "OTEL_PYTHON_AIOHTTP_SERVER_EXCLUDED_URLS": ",".join(
+                p.lstrip("/") for p in (HEALTHZ, READYZ, METRICS)
+            ),
+        }
 
     def _env(
         self,

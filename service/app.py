@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from aiohttp import web
+from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
-from service.api import completion, health, keys, models, openai_compat, openapi, tokenize
+from service import tracing
+from service.api import (
+    completion,
+    console,
+    events,
+    health,
+    keys,
+    load,
+    models,
+    openai_compat,
+    openapi,
+    tokenize,
+)
 from service.api.errors import json_errors
 from service.api.middleware import (
     ShutdownGate,
@@ -52,22 +65,48 @@ async def _manager_ctx(app: web.Application) -> AsyncIterator[None]:
     await manager.stop()
 
 
-def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> web.Application:
-    """The server as an application; ``registry`` lets tests keep metrics of several apps apart."""
+async def _close_event_streams(app: web.Application) -> None:
+    app[keys.MANAGER].events.close()
+
+
+def _tracer_provider_ctx(provider: TracerProvider) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        yield
+        provider.shutdown()  # exports the spans still batched
+
+    return ctx
+
+
+def create_app(
+    settings: Settings,
+    *,
+    registry: CollectorRegistry | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> web.Application:
+    """The server as an application; ``registry`` lets tests keep metrics of several apps apart.
+
+    Tracing follows the ``OTEL_*`` environment (off unless it asks for OTLP), unless a
+    ``tracer_provider`` is given (tests: an in-memory exporter; the caller then owns its shutdown).
+    """
     metrics = ServingMetrics.create(registry)
     gate = ShutdownGate()
-    app = web.Application(
-        client_max_size=settings.max_body_bytes,
-        middlewares=[observe(metrics), json_errors, body_limit(settings.max_body_bytes)],
-    )
-    app.middlewares.insert(2, request_ids(app))  # inside json_errors: a bad id is a JSON 400
+    provider = tracer_provider if tracer_provider is not None else tracing.provider_from_environment()
+    options = {
+        "client_max_size": settings.max_body_bytes,
+        "middlewares": [observe(metrics), json_errors, body_limit(settings.max_body_bytes)],
+    }
+    app = tracing.instrumented_application(provider, **options) if provider else web.Application(**options)
+    tracer = tracing.tracer_of(provider)
+    # Inside json_errors, so a bad id is a JSON 400.
+    app.middlewares.insert(app.middlewares.index(json_errors) + 1, request_ids(app))
     if settings.cors_origins:
         enable_cors(app, settings.cors_origins)
     app.middlewares.append(shutdown_gate(gate))
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = metrics
     app[keys.GATE] = gate
-    app[keys.MANAGER] = ModelManager(settings, metrics)
+    app[keys.TRACER] = tracer
+    app[keys.MANAGER] = ModelManager(settings, metrics, tracer)
     app[keys.TOKENIZER_POOL] = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
     app[keys.ENGINE] = Engine(
         max_running=settings.max_running_requests,
@@ -75,8 +114,15 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         request_timeout_s=settings.request_timeout_s,
         metrics=metrics,
     )
+    app[load.SAMPLER] = load.LoadSampler(metrics, max_running=settings.max_running_requests)
     # The engine outlives the manager on shutdown: in-flight requests finish before models unload.
-    app.cleanup_ctx.extend([_tokenizer_pool_ctx, _engine_ctx, _manager_ctx])
-    for module in (health, models, completion, openai_compat, tokenize, openapi):
+    app.cleanup_ctx.extend([_tokenizer_pool_ctx, _engine_ctx, _manager_ctx, load.sampler_ctx])
+    if provider is not None and tracer_provider is None:
+        app.cleanup_ctx.append(_tracer_provider_ctx(provider))
+    # Event streams never end by themselves: end them before the server waits for handlers.
+    app.on_shutdown.append(_close_event_streams)
+    for module in (health, models, completion, openai_compat, tokenize, openapi, load, events):
         app.add_routes(module.routes)
+    if settings.console:
+        console.setup(app)
     return app

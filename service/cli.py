@@ -72,7 +72,11 @@ async def serve(settings: Settings) -> None:
     try:  # whatever ends serving (a port in use included), the engine and the models are torn down
         site = web.TCPSite(runner, settings.host, settings.port)
         await site.start()
-        log.info("listening", extra={"host": settings.host, "port": settings.port})
+        where = {"host": settings.host, "port": settings.port}
+        if settings.console:
+            shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+            where["console"] = f"http://{shown_host}:{settings.port}/"
+        log.info("listening", extra=where)
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

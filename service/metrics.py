@@ -34,6 +34,11 @@ MODEL_READY = f"{PREFIX}_model_ready"
 DEPLOYMENT_PHASE = f"{PREFIX}_deployment_phase"
 DEPLOYMENTS_TOTAL = f"{PREFIX}_deployments_total"
 MODEL_LOAD_DURATION_SECONDS = f"{PREFIX}_model_load_duration_seconds"
+DEPLOYMENT_PHASE_DURATION_SECONDS = f"{PREFIX}_deployment_phase_duration_seconds"
+MODEL_SWAP_DURATION_SECONDS = f"{PREFIX}_model_swap_duration_seconds"
+MODEL_DOWNLOAD_BYTES_TOTAL = f"{PREFIX}_model_download_bytes_total"
+MODEL_WEIGHTS_BYTES = f"{PREFIX}_model_weights_bytes"
+MODELS_RESIDENT = f"{PREFIX}_models_resident"
 
 # Generation engine (named after vLLM's num_requests_running/waiting so operators recognise them)
 NUM_REQUESTS_RUNNING = f"{PREFIX}_num_requests_running"
@@ -76,6 +81,8 @@ GC_DURATION_SECONDS = f"{PREFIX}_gc_duration_seconds"
 
 #: Phases of a model deployment, in order; ``failed`` can follow any of them.
 DEPLOYMENT_PHASES = ("pending", "resolving", "downloading", "loading", "warming", "ready", "failed")
+#: Phases a deployment spends time in (the terminal ones, ready and failed, end it).
+TIMED_DEPLOYMENT_PHASES = DEPLOYMENT_PHASES[:-2]
 DEPLOYMENT_RESULTS = ("succeeded", "failed")
 REJECT_REASONS = ("queue_full", "shutting_down", "no_model")
 CANCEL_REASONS = ("client_disconnected", "timeout")
@@ -88,6 +95,7 @@ ENGINE_STAGES = ("admit", "prefill", "decode", "sample", "detokenize", "cache")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 _LOAD_BUCKETS = (0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300, 600)
+_SWAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 _TOKEN_COUNT_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 _GC_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
@@ -119,6 +127,11 @@ class ServingMetrics:
     deployment_phase: Gauge
     deployments: Counter
     model_load_duration: Histogram
+    deployment_phase_duration: Histogram
+    model_swap_duration: Histogram
+    model_download_bytes: Counter
+    model_weights_bytes: Gauge
+    models_resident: Gauge
     num_requests_running: Gauge
     num_requests_waiting: Gauge
     batch_size: Histogram
@@ -203,6 +216,32 @@ class ServingMetrics:
                 "Time from a deployment's start to its model serving.",
                 buckets=_LOAD_BUCKETS,
                 registry=r,
+            ),
+            deployment_phase_duration=Histogram(
+                DEPLOYMENT_PHASE_DURATION_SECONDS,
+                "Time a deployment spent in each phase (pending, resolving, downloading, loading, warming).",
+                ["phase"],
+                buckets=_LOAD_BUCKETS,
+                registry=r,
+            ),
+            model_swap_duration=Histogram(
+                MODEL_SWAP_DURATION_SECONDS,
+                "Time a swap to a ready model took: switch the reference, record it, free the old model.",
+                buckets=_SWAP_BUCKETS,
+                registry=r,
+            ),
+            model_download_bytes=Counter(
+                MODEL_DOWNLOAD_BYTES_TOTAL,
+                "Bytes of model files downloaded from the hub (rate() of it is the download throughput).",
+                registry=r,
+            ),
+            model_weights_bytes=Gauge(
+                MODEL_WEIGHTS_BYTES,
+                "Bytes of model weights held in memory, from load until freed (two models during a swap).",
+                registry=r,
+            ),
+            models_resident=Gauge(
+                MODELS_RESIDENT, "Models in memory, from load until freed (two during a swap).", registry=r
             ),
             num_requests_running=Gauge(
                 NUM_REQUESTS_RUNNING, "Sequences being generated in the batch now.", registry=r
@@ -337,6 +376,7 @@ class ServingMetrics:
             (metrics.e2e_request_latency, FINISH_REASONS),
             (metrics.engine_step_failures, ENGINE_STAGES),
             (metrics.fleet_rollouts, ROLLOUT_OUTCOMES),
+            (metrics.deployment_phase_duration, TIMED_DEPLOYMENT_PHASES),
         ):
             for value in values:
                 labelled.labels(value)

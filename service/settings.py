@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     # --- network ---
     host: str = Field("127.0.0.1", description="Interface to listen on (use 0.0.0.0 in a container).")
     port: int = Field(DEFAULT_PORT, ge=1, le=65535, description="TCP port to listen on.")
+    console: bool = Field(
+        True,
+        description="Serve the web console at / (status, deploys, chat playground); off, / answers 404.",
+    )
 
     # --- model ---
     model: str = Field(
@@ -102,6 +106,9 @@ class Settings(BaseSettings):
     )
 
     # --- lifecycle ---
+    events_heartbeat_s: float = Field(
+        15.0, gt=0, description="Seconds between heartbeat events on an idle GET /status/events stream."
+    )
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )

@@ -268,3 +268,30 @@ def test_queue_saturated_fires_on_queue_full_rejections(tmp_path: Path) -> None:
             }
         ],
     )
+
+
+def test_queue_time_dominating_latency_fires_when_it_lasts_and_resolves(tmp_path: Path) -> None:
+    target = {"namespace": TARGET["namespace"], "pod": TARGET["pod"]}
+    run_promtool(
+        tmp_path,
+        [
+            {
+                "interval": "1m",
+                "input_series": [
+                    # Each minute 10 s of engine latency; queued: 1 s, then 8 s from 10m to 30m, then 1 s.
+                    series(f"{m.E2E_REQUEST_LATENCY_SECONDS}_sum", "0+10x50", finish_reason="stop"),
+                    series(f"{m.REQUEST_QUEUE_TIME_SECONDS}_sum", "0+1x9 10+8x19 170+1x20"),
+                ],
+                "alert_rule_test": [
+                    check("ModelServerQueueTimeDominates", "9m"),
+                    check("ModelServerQueueTimeDominates", "20m"),  # dominating, not yet for 10 minutes
+                    check(
+                        "ModelServerQueueTimeDominates",
+                        "29m",
+                        firing("ModelServerQueueTimeDominates", "80%", **target),
+                    ),
+                    check("ModelServerQueueTimeDominates", "45m"),
+                ],
+            }
+        ],
+    )

@@ -95,6 +95,7 @@ async def test_logprobs_equal_a_direct_forward_pass(handle: ModelHandle) -> None
         assert [p.token_id for p in scored.top] == row.topk(5).indices.tolist()
         assert values == pytest.approx(row.topk(5).values.tolist(), abs=1e-3)
     assert run.prompt_logprobs is not None and run.prompt_logprobs[0] is None
+    assert list(deltas[0].prompt_logprobs) == run.prompt_logprobs  # streamed with the first token
     assert len(run.prompt_logprobs) == len(prompt)
     for i, scored in enumerate(run.prompt_logprobs[1:]):
         assert scored is not None and scored.chosen.token_id == prompt[i + 1] and len(scored.top) == 2

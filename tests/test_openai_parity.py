@@ -4,6 +4,7 @@ X-Request-Id."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,11 +14,11 @@ import httpx
 import openai
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.metrics import PROMPT_TOKENS_TOTAL
 from tests.server_process import ServerProcess, running_server
+from tests.test_reliability import metric, wait_until
 
 MESSAGES = [{"role": "user", "content": "the quick brown fox"}]
 PROMPT = "the quick brown fox jumps"
@@ -77,11 +78,6 @@ def sse(http: httpx.Client, path: str, **body: Any) -> list[Any]:
     return [d if d == "[DONE]" else json.loads(d) for d in data]
 
 
-def prompt_tokens_counted(http: httpx.Client) -> float:
-    families = text_string_to_metric_families(http.get("/metrics").text)
-    return sum(s.value for f in families for s in f.samples if s.name == PROMPT_TOKENS_TOTAL)
-
-
 # ----------------------------------------------------------------------------- logprobs
 
 
@@ -127,17 +123,17 @@ def test_completion_endpoint_logprobs_streamed_and_not_agree(http: httpx.Client)
 
 
 def test_n_choices_are_seeded_reproducible_and_prefill_once(
-    client: openai.OpenAI, http: httpx.Client, model_id: str
+    client: openai.OpenAI, server: ServerProcess, model_id: str
 ) -> None:
     args = {"model": model_id, "messages": MESSAGES, "max_tokens": 8, "temperature": 1.0, "seed": 5}
-    before = prompt_tokens_counted(http)
+    one = client.chat.completions.create(**args)
+    before = metric(server, PROMPT_TOKENS_TOTAL)
     first = client.chat.completions.create(**args, n=3)
-    prefilled = prompt_tokens_counted(http) - before
+    prefilled = metric(server, PROMPT_TOKENS_TOTAL) - before
     second = client.chat.completions.create(**args, n=3)
     texts = [c.message.content for c in first.choices]
     assert [c.index for c in first.choices] == [0, 1, 2]
     assert texts == [c.message.content for c in second.choices] and len(set(texts)) > 1
-    one = client.chat.completions.create(**args)
     assert first.usage.prompt_tokens == one.usage.prompt_tokens == prefilled  # the prompt once
     assert first.usage.completion_tokens > one.usage.completion_tokens  # every choice's tokens
     assert texts[0] == one.choices[0].message.content  # choice 0 samples with the seed itself
@@ -187,7 +183,7 @@ def test_legacy_prompt_lists_token_ids_and_n(client: openai.OpenAI, model_id: st
     by_text = client.completions.create(**args, prompt=PROMPT)
     by_ids = client.completions.create(**args, prompt=ids, echo=True)
     assert by_ids.choices[0].text == PROMPT + by_text.choices[0].text
-    several = client.completions.create(**args, prompt=[ids, ids[:3]], n=2)
+    several = client.completions.create(**args, prompt=[ids, ids[:3]], n=2, best_of=2)
     assert [c.index for c in several.choices] == [0, 1, 2, 3]
     assert several.choices[0].text == several.choices[1].text == by_text.choices[0].text
     assert several.usage.prompt_tokens == len(ids) + 3
@@ -261,3 +257,15 @@ def test_x_request_id_is_honoured_and_echoed(http: httpx.Client) -> None:
     assert missing.status_code == 404 and missing.headers["X-Request-Id"] == "e-1"
     bad = http.post("/v1/chat/completions", json=chat, headers={"X-Request-Id": "no spaces\tplease"})
     assert bad.status_code == 400 and "X-Request-Id" in bad.json()["error"]["message"]
+
+
+def test_a_client_going_away_cancels_every_choice(server: ServerProcess, http: httpx.Client) -> None:
+    cancelled = functools.partial(
+        metric, server, "serving_requests_cancelled_total", reason="client_disconnected"
+    )
+    before = cancelled()
+    body = {"messages": MESSAGES, "max_tokens": 2000, "n": 3, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert next(response.iter_lines()).startswith("data: ")
+    wait_until(lambda: cancelled() == before + 3, what="three choices cancelled")
+    wait_until(lambda: metric(server, "serving_num_requests_running") == 0, what="slots freed")

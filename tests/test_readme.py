@@ -7,7 +7,9 @@ What this module expects of README.md:
   targets ``http://localhost:8000`` (or ``127.0.0.1:8000``) is an example, run in README order
   against one server. One curl command per example (``\\`` line continuations are fine, pipes are
   not: show output in a separate block). It must answer 2xx, unless a comment line right above it
-  says otherwise, e.g. ``# expect: 409``. The server requires an admin token: the POST /model
+  says otherwise, e.g. ``# expect: 409``. An endless stream (``GET /status/events``) is marked
+  ``# expect: stream``: it must answer 200 with Server-Sent Events before curl stops reading.
+  The server requires an admin token: the POST /model
   example sends ``-H "Authorization: Bearer $SERVING_ADMIN_TOKEN"`` (bash expands it).
   Together the examples must call every path in ``service/api/paths.py``.
 * **POST /model**: its example deploys ``README_HUB_MODEL``; offline, the test server has the tiny
@@ -41,15 +43,19 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 #: The hub model the README's POST /model example deploys (CI's e2e job deploys it for real).
 README_HUB_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 README_URL = re.compile(r"http://(?:localhost|127\.0\.0\.1):8000")
-EXPECT = re.compile(r"#\s*expect:\s*(\d{3})")
+EXPECT = re.compile(r"#\s*expect:\s*(\d{3}|stream)")
 CURL_TIMEOUT_S = 120
+#: How long an endless stream's example is read.
+STREAM_READ_S = 2
+#: curl's exit code when --max-time stops it.
+CURL_TIMED_OUT = 28
 
 
 @dataclass(frozen=True)
 class CurlExample:
     line: int  # in README.md, for the failure message
     command: str  # continuation lines joined
-    expected_status: int | None  # None: any 2xx
+    expected_status: int | str | None  # None: any 2xx; "stream": 200, then read until STREAM_READ_S
 
     @property
     def id(self) -> str:
@@ -81,13 +87,13 @@ def bash_blocks(markdown: str) -> Iterator[tuple[int, list[str]]]:
 def curl_examples(markdown: str) -> list[CurlExample]:
     examples = []
     for start, lines in bash_blocks(markdown):
-        expected: int | None = None
+        expected: int | str | None = None
         index = 0
         while index < len(lines):
             line, number = lines[index].strip(), start + index
             index += 1
             if match := EXPECT.fullmatch(line):
-                expected = int(match[1])
+                expected = int(match[1]) if match[1].isdigit() else match[1]
                 continue
             parts = [line]
             while parts[-1].endswith("\\") and index < len(lines):
@@ -148,7 +154,9 @@ def test_readme_curl_example(example: CurlExample, readme_target: Target, tmp_pa
         command = command.replace(old, new)
     body = tmp_path / "body"
     # Our options go first; the README's own follow, as written.
-    options = f"-sS -o {shlex.quote(str(body))} -w '%{{http_code}}' --max-time {CURL_TIMEOUT_S}"
+    streams = example.expected_status == "stream"
+    max_time = STREAM_READ_S if streams else CURL_TIMEOUT_S
+    options = f"-sS -o {shlex.quote(str(body))} -w '%{{http_code}}' --max-time {max_time}"
     result = subprocess.run(
         ["bash", "-c", command.replace("curl ", f"curl {options} ", 1)],
         capture_output=True,
@@ -158,9 +166,14 @@ def test_readme_curl_example(example: CurlExample, readme_target: Target, tmp_pa
         check=False,
     )
     answer = body.read_text(errors="replace")[:2000] if body.exists() else ""
-    assert result.returncode == 0, f"README line {example.line}: curl failed: {result.stderr}"
+    ok_exit = CURL_TIMED_OUT if streams else 0
+    assert result.returncode == ok_exit, f"README line {example.line}: curl failed: {result.stderr}"
     status = int(result.stdout)
-    if example.expected_status is None:
+    if streams:
+        assert status == 200 and answer.startswith("event: snapshot\n"), (
+            f"README line {example.line}: {answer}"
+        )
+    elif example.expected_status is None:
         assert 200 <= status < 300, f"README line {example.line}: {status} {answer}"
     else:
         assert status == example.expected_status, f"README line {example.line}: {status} {answer}"

@@ -77,27 +77,78 @@ def build_tiny_model(out_dir: Path, *, seed: int, chat_template: str = CHATML_TE
     """Save a 2-layer Llama (random weights from ``seed``) plus tokenizer (with ``chat_template``)
     to ``out_dir``."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out_dir, chat_template)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    torch.manual_seed(seed)
+    model = _llama(
+        tokenizer,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def _llama(tokenizer, **shape):
+    """A float32 Llama of ``shape`` (LlamaConfig fields) with ``tokenizer``'s vocabulary and special ids."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=1024,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+        **shape,
     )
-    torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.float32)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def build_scripted_model(out_dir: Path, *, first_reply_token: str, then: str) -> Path:
+    """A model whose greedy (and, by a wide margin, sampled) reply is fixed: ``first_reply_token``
+    (added to the vocabulary as one plain token), then ``then`` (one token of the vocabulary) forever,
+    never an end-of-sequence token.
+
+    A 1-layer Llama turned into a bigram table: one-hot embeddings, attention and MLP outputs zeroed
+    (the residual stream is the current token's embedding), and an untied LM head whose rows say
+    which token follows which. Real weights, tokenizer and chat template, served like any model.
+    """
+    import torch
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out_dir)
+    tokenizer.add_tokens([first_reply_token])
+    tokenizer.save_pretrained(out_dir)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    prompt_end = (ids["input_ids"] if hasattr(ids, "keys") else ids)[-1]
+    first, repeated = tokenizer.convert_tokens_to_ids([first_reply_token, then])
+    hidden = 512
+    assert len(tokenizer) <= hidden, "one-hot embeddings need a vocabulary no larger than hidden_size"
+    model = _llama(
+        tokenizer,
+        hidden_size=hidden,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        max_position_embeddings=32768,
+        tie_word_embeddings=False,
+    )
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(torch.eye(len(tokenizer), hidden))
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        head = torch.zeros(len(tokenizer), hidden)
+        head[first, prompt_end] = head[repeated, first] = head[repeated, repeated] = 5.0
+        model.lm_head.weight.copy_(head)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import web
+from opentelemetry import trace
 
+from service import tracing
 from service.api import keys
 from service.api.errors import ApiError, engine_dead, model_not_ready, shutting_down
 from service.api.protocol import (
@@ -40,6 +42,9 @@ from service.handle import ChatTemplateError, ModelHandle, ToolsUnsupportedError
 
 T = TypeVar("T")
 
+#: Headers of every Server-Sent Events response (no proxy buffering, no caching).
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
 
 @dataclass(frozen=True)
 class Constraint:
@@ -57,10 +62,15 @@ class Admitted:
     handle: ModelHandle
     streams: list[GenerationStream]
     request_id: str
+    tracer: trace.Tracer
 
     @property
     def model_id(self) -> str:
         return self.handle.info.model_id
+
+    def trace(self, result: GenerationResult) -> None:
+        """Add the finished generation to the request's span (its phases, token counts)."""
+        tracing.record_generation(self.tracer, result, self.model_id)
 
 
 def serving_handle(request: web.Request, model: str | None = None) -> ModelHandle:
@@ -212,7 +222,7 @@ def submit(
         if len(streams) < n * len(prompts):  # a later prompt was refused: the earlier ones must not run
             for stream in streams:
                 stream.cancel()
-    return Admitted(handle, streams, request_id)
+    return Admitted(handle, streams, request_id, request.app[keys.TRACER])
 
 
 async def admit_chat(
@@ -294,6 +304,7 @@ async def collect(admitted: Admitted) -> list[GenerationResult]:
     """Every choice's result (a client that goes away cancels the streams, freeing their slots at the
     next step); 500 if one failed."""
     results = await asyncio.gather(*(stream.collect() for stream in admitted.streams))
+    admitted.trace(results[0])  # the request's span: the first choice's phases
     if failed := [r for r in results if r.finish_reason is FinishReason.ERROR]:
         raise ApiError(500, f"generation failed: {failed[0].error}", type="generation_error")
     return results
@@ -326,9 +337,7 @@ async def sse_stream(
 ) -> web.StreamResponse:
     """Send each event as ``data: <json>`` (a pydantic model, a dict or a literal string); a
     disconnect mid-stream cancels every choice."""
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
+    response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
     try:
         async for event in events:
@@ -339,6 +348,8 @@ async def sse_stream(
             else:
                 data = event.model_dump_json()
             await response.write(f"data: {data}\n\n".encode())
+        if (result := admitted.streams[0].result) is not None:
+            admitted.trace(result)
     finally:  # a disconnect (cancelled handler, reset write) must not leave the generation running
         for stream in admitted.streams:
             stream.cancel()

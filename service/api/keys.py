@@ -5,6 +5,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
+from opentelemetry import trace
 
 from service.api.middleware import ShutdownGate
 from service.engine import Engine
@@ -19,3 +20,5 @@ ENGINE = web.AppKey("engine", Engine)
 GATE = web.AppKey("shutdown_gate", ShutdownGate)
 #: Threads that render and tokenize prompts (each with its own tokenizer copy per model).
 TOKENIZER_POOL = web.AppKey("tokenizer_pool", ThreadPoolExecutor)
+#: Tracer for the spans the HTTP layer adds under the request's span (a no-op one when tracing is off).
+TRACER = web.AppKey("tracer", trace.Tracer)

@@ -19,8 +19,9 @@ log = logging.getLogger("service.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-#: Paths that keep answering while draining: probes must report the truth, scrapes must not gap.
-_ALWAYS_OPEN = frozenset({paths.HEALTHZ, paths.READYZ, paths.METRICS})
+#: Paths that keep answering while draining: probes must report the truth, scrapes must not gap, and
+#: event streams are not work to drain (they end when the server stops).
+_ALWAYS_OPEN = frozenset({paths.HEALTHZ, paths.READYZ, paths.METRICS, paths.STATUS_EVENTS})
 
 
 class ShutdownGate:

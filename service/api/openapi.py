@@ -34,12 +34,30 @@ class Endpoint:
     # JSON payloads of the SSE events (also answers text/event-stream when the body asks for it)
     stream_events: tuple[type[BaseModel], ...] = ()
     stream_done: bool = False  # the stream ends with the literal event data [DONE]
+    events: str = ""  # answers only text/event-stream, with events as described here
     extra_ok: dict[int, type[BaseModel]] = field(default_factory=dict)
     admin: bool = False
 
 
 _BODY_ERRORS = (400, 413, 415, 422)
 _GENERATION_ERRORS = (*_BODY_ERRORS, 429, 500, 503)
+
+
+def _openai(
+    path: str, summary: str, ok: type[BaseModel], request: type[BaseModel], chunk: type[BaseModel]
+) -> Endpoint:
+    """An OpenAI generation endpoint: its stream is ``chunk`` events, an error event, then ``[DONE]``."""
+    return Endpoint(
+        "post",
+        path,
+        summary,
+        ok,
+        request=request,
+        errors=(*_GENERATION_ERRORS, 404),
+        stream_events=(chunk, protocol.StreamError),
+        stream_done=True,
+    )
+
 
 ENDPOINTS = (
     Endpoint(
@@ -51,41 +69,36 @@ ENDPOINTS = (
         errors=_GENERATION_ERRORS,
         stream_events=(protocol.CompletionChunk,),
     ),
-    Endpoint(
-        "post",
+    _openai(
         paths.OPENAI_CHAT_COMPLETIONS,
         "OpenAI-compatible chat completion",
         protocol.OpenAIChatResponse,
-        request=protocol.OpenAIChatRequest,
-        errors=(*_GENERATION_ERRORS, 404),
-        stream_events=(protocol.OpenAIChatChunk, protocol.StreamError),
-        stream_done=True,
+        protocol.OpenAIChatRequest,
+        protocol.OpenAIChatChunk,
     ),
-    Endpoint(
-        "post",
+    _openai(
         paths.OPENAI_COMPLETIONS,
         "OpenAI-compatible (legacy) text completion",
         protocol.LegacyCompletionResponse,
-        request=protocol.LegacyCompletionRequest,
-        errors=(*_GENERATION_ERRORS, 404),
-        stream_events=(protocol.LegacyCompletionResponse, protocol.StreamError),
-        stream_done=True,
+        protocol.LegacyCompletionRequest,
+        protocol.LegacyCompletionResponse,
     ),
-    Endpoint(
-        "post",
-        paths.TOKENIZE,
-        "Token ids of a prompt or of chat messages (vLLM's shape)",
-        protocol.TokenizeResponse,
-        request=protocol.TokenizeRequest,
-        errors=(*_BODY_ERRORS, 404, 503),
-    ),
-    Endpoint(
-        "post",
-        paths.DETOKENIZE,
-        "Text of token ids (vLLM's shape)",
-        protocol.DetokenizeResponse,
-        request=protocol.DetokenizeRequest,
-        errors=(*_BODY_ERRORS, 404, 503),
+    *(
+        Endpoint("post", path, summary, ok, request=request, errors=(*_BODY_ERRORS, 404, 503))
+        for path, summary, ok, request in (
+            (
+                paths.TOKENIZE,
+                "Token ids of a prompt or of chat messages (vLLM's shape)",
+                protocol.TokenizeResponse,
+                protocol.TokenizeRequest,
+            ),
+            (
+                paths.DETOKENIZE,
+                "Text of token ids (vLLM's shape)",
+                protocol.DetokenizeResponse,
+                protocol.DetokenizeRequest,
+            ),
+        )
     ),
     Endpoint("get", paths.OPENAI_MODELS, "OpenAI-compatible model list", protocol.OpenAIModelList),
     Endpoint("get", paths.MODEL, "The serving model", protocol.ModelInfoResponse, errors=(503,)),
@@ -101,6 +114,16 @@ ENDPOINTS = (
         admin=True,
     ),
     Endpoint("get", paths.STATUS, "Deployment status and history", protocol.StatusResponse),
+    Endpoint("get", paths.STATUS_LOAD, "The load at a glance (for the web console)", protocol.LoadSummary),
+    Endpoint(
+        "get",
+        paths.STATUS_EVENTS,
+        "Deployment events as they happen (Server-Sent Events; Last-Event-ID resumes)",
+        None,
+        errors=(400,),
+        events="event snapshot (GET /status body, first), phase, progress, outcome (deployment "
+        "changes, with monotonic ids) and heartbeat; data is JSON",
+    ),
     Endpoint(
         "get",
         paths.HEALTHZ,
@@ -119,15 +142,20 @@ ENDPOINTS = (
 )
 
 
-def _sse_event(payloads: tuple[type[BaseModel], ...], done: bool) -> dict[str, Any]:
-    """Schema of one event (OpenAPI 3.1 style): its ``data`` is JSON of one of ``payloads``, or the
-    literal ``[DONE]`` when ``done``."""
-    refs = [{"$ref": _REF.format(model=p.__name__)} for p in payloads]
-    data: dict[str, Any] = {
-        "type": "string",
-        "contentMediaType": "application/json",
-        "contentSchema": refs[0] if len(refs) == 1 else {"anyOf": refs},
-    }
+def _sse_event(
+    payloads: tuple[type[BaseModel], ...], done: bool = False, description: str = ""
+) -> dict[str, Any]:
+    """Schema of one event (OpenAPI 3.1 style): its ``data`` is JSON of one of ``payloads`` (else
+    what ``description`` says), or the literal ``[DONE]`` when ``done``."""
+    data: dict[str, Any] = {"type": "string"}
+    if payloads:
+        refs = [{"$ref": _REF.format(model=p.__name__)} for p in payloads]
+        data |= {
+            "contentMediaType": "application/json",
+            "contentSchema": refs[0] if len(refs) == 1 else {"anyOf": refs},
+        }
+    else:
+        data["description"] = description
     if done:
         data = {"anyOf": [data, {"type": "string", "const": "[DONE]"}]}
     return {"type": "object", "required": ["data"], "properties": {"data": data}}
@@ -151,6 +179,8 @@ def document() -> dict[str, Any]:
                 **ok_content,
                 "text/event-stream": {"schema": _sse_event(e.stream_events, e.stream_done)},
             }
+        if e.events:
+            ok_content = {"text/event-stream": {"schema": _sse_event((), description=e.events)}}
         responses: dict[str, Any] = {str(e.ok_status): {"description": "OK", "content": ok_content}}
         for status, model in e.extra_ok.items():
             responses[str(status)] = {"description": "OK", "content": _json(model)}

@@ -2,6 +2,9 @@
 
 COMPLETION = "/completion"
 STATUS = "/status"
+#: A small JSON summary of the load (tokens/s, running/queued, TTFT p95) for the web console.
+STATUS_LOAD = "/status/load"
+STATUS_EVENTS = "/status/events"
 MODEL = "/model"
 METRICS = "/metrics"
 HEALTHZ = "/healthz"

@@ -91,7 +91,7 @@ class SamplingFields(BaseModel):
     )
     repetition_penalty: float = Field(
         1.0,
-        gt=0,
+        ge=0.01,  # a smaller one overflows the scores it divides
         le=10,
         description="vLLM's: divides the positive (multiplies the negative) score of every token of the "
         "prompt and output; 1 is none.",
@@ -274,6 +274,21 @@ class StatusResponse(BaseModel):
     serving: ModelInfoResponse | None
     deployment: DeploymentResponse | None
     history: list[DeploymentResponse]
+
+
+class LoadSummary(BaseModel):
+    """The load at a glance, from the server's own metrics (``GET /status/load``)."""
+
+    running: int = Field(description="Sequences being generated now.")
+    queued: int = Field(description="Requests waiting for a batch slot.")
+    max_running: int = Field(description="Batch slots.")
+    tokens_per_s: float = Field(description="Completion tokens per second over tokens_window_s.")
+    tokens_window_s: float = Field(description="Seconds the rate covers (0 until a sample is old enough).")
+    ttft_p95_s: float | None = Field(
+        description="95th percentile time to first token in seconds over ttft_window_s, estimated from "
+        "histogram buckets as Prometheus' histogram_quantile does; null without requests."
+    )
+    ttft_window_s: float = Field(description="Seconds the percentile covers (up to 300).")
 
 
 class HealthResponse(BaseModel):
@@ -570,11 +585,16 @@ class OpenAIChoice(BaseModel):
     finish_reason: OpenAIFinishReason
 
 
-class OpenAIChatResponse(BaseModel):
+class _OpenAIObject(BaseModel):
+    """What every OpenAI generation answer (and stream chunk) starts with."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
+    created: int  # Unix seconds
     model: str
+
+
+class OpenAIChatResponse(_OpenAIObject):
+    object: Literal["chat.completion"] = "chat.completion"
     choices: list[OpenAIChoice]
     usage: Usage
 
@@ -598,15 +618,12 @@ class ChatChunkChoice(BaseModel):
     finish_reason: OpenAIFinishReason | None = None
 
 
-class OpenAIChatChunk(BaseModel):
+class OpenAIChatChunk(_OpenAIObject):
     """One SSE event of a streamed chat completion. Per choice: a first event with the role, events
     with content (and its logprobs), one with ``finish_reason``; then, with
     ``stream_options.include_usage``, one with no choices and ``usage``; then ``[DONE]``."""
 
-    id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
 
@@ -627,14 +644,11 @@ class LegacyChoice(BaseModel):
     finish_reason: OpenAIFinishReason | None
 
 
-class LegacyCompletionResponse(BaseModel):
+class LegacyCompletionResponse(_OpenAIObject):
     """``POST /v1/completions``; as a stream, each SSE event is one of these with ``object``
     ``text_completion``, new text per choice, then (with include_usage) a usage event, then ``[DONE]``."""
 
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[LegacyChoice]
     usage: Usage | None = None
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from service.handle import ModelHandle, ModelInfo
-from service.lifecycle.sources import ModelSource, SourceError
+from service.lifecycle.sources import ModelSource, ProgressCallback, SourceError
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -71,16 +74,62 @@ def check_memory_budget(parameters: int, dtype: str, budget_bytes: int | None) -
         )
 
 
-def load(model_dir: Path, source: ModelSource, *, device: str, dtype: str) -> ModelHandle:
-    """Load weights and tokenizer (never with remote code) onto ``device``."""
+class _TensorProgress:
+    """Stands in for transformers' "Loading weights" bar: reports tensors loaded as the loop advances."""
+
+    def __init__(self, bar: Any, total: int | None, on_progress: ProgressCallback) -> None:
+        self._bar, self._total, self._on_progress = bar, total, on_progress
+
+    def __iter__(self) -> Iterator[Any]:
+        for done, item in enumerate(self._bar, start=1):
+            yield item
+            # The caller asked for the next tensor: this one is loaded.
+            self._on_progress(done, self._total)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bar, name)
+
+    def __enter__(self) -> _TensorProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.close()
+
+
+@contextmanager
+def _reporting_tensor_loads(on_progress: ProgressCallback) -> Iterator[None]:
+    """Route transformers' weight-loading progress to ``on_progress`` (its public tqdm hook, as
+    ``transformers serve`` does). The hook is process-wide: deployments run one at a time."""
+    from transformers.utils import logging as hf_logging
+
+    def hook(factory: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        bar = factory(*args, **kwargs)
+        if kwargs.get("desc") != "Loading weights":
+            return bar
+        items = args[0] if args else kwargs.get("iterable")
+        return _TensorProgress(bar, len(items) if hasattr(items, "__len__") else None, on_progress)
+
+    previous = hf_logging.set_tqdm_hook(hook)
+    try:
+        yield
+    finally:
+        hf_logging.set_tqdm_hook(previous)
+
+
+def load(
+    model_dir: Path, source: ModelSource, *, device: str, dtype: str, on_progress: ProgressCallback
+) -> ModelHandle:
+    """Load weights and tokenizer (never with remote code) onto ``device``; ``on_progress`` gets
+    (tensors loaded, tensors in all) as the weights load."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=getattr(torch, dtype), trust_remote_code=False, local_files_only=True
-        )
+        with _reporting_tensor_loads(on_progress):
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=getattr(torch, dtype), trust_remote_code=False, local_files_only=True
+            )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise LoadError(f"cannot load model from {model_dir.name!r}: {exc}") from exc
     if not getattr(tokenizer, "chat_template", None):
@@ -102,6 +151,11 @@ def load(model_dir: Path, source: ModelSource, *, device: str, dtype: str) -> Mo
         context_length=getattr(model.config, "max_position_embeddings", None),
     )
     return ModelHandle(info=info, model=model, tokenizer=tokenizer, eos_token_ids=frozenset(eos_ids))
+
+
+def weight_bytes(handle: ModelHandle) -> int:
+    """Bytes the model's parameters take in memory (tied weights counted once)."""
+    return sum(p.numel() * p.element_size() for p in handle.model.parameters())
 
 
 def warm_up(handle: ModelHandle) -> None:

@@ -13,19 +13,25 @@ import contextlib
 import gc
 import logging
 import threading
+import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from opentelemetry import trace
+
 from service.handle import ModelHandle
 from service.lifecycle import loader, sources
 from service.lifecycle.bundled import BundledModelMissingError
-from service.lifecycle.deployment import Deployment, Phase
+from service.lifecycle.deployment import TERMINAL_PHASES, Deployment, Phase
+from service.lifecycle.events import EventHub, EventType, ProgressPublisher
 from service.lifecycle.sources import ModelSource, SourceError, SourceKind
 from service.lifecycle.state import ServedModelRecord, StateStore
 from service.metrics import DEPLOYMENT_PHASES, ServingMetrics
 from service.settings import Settings
+from service.tracing import DeploymentTrace
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -71,9 +77,15 @@ async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
 class ModelManager:
     """Owns the serving :class:`ModelHandle` and every deployment that replaces it."""
 
-    def __init__(self, settings: Settings, metrics: ServingMetrics) -> None:
+    def __init__(
+        self, settings: Settings, metrics: ServingMetrics, tracer: trace.Tracer | None = None
+    ) -> None:
         self._settings = settings
         self._metrics = metrics
+        self._tracer = tracer if tracer is not None else trace.NoOpTracer()
+        self._trace: DeploymentTrace | None = None
+        #: Deployment events (phases, progress, outcomes) for ``GET /status/events``.
+        self.events = EventHub()
         self._store = StateStore(settings.state_dir)
         self._active: ModelHandle | None = None
         self._current: Deployment | None = None
@@ -169,6 +181,15 @@ class ModelManager:
     def _begin(self, deployment: Deployment, source: ModelSource, *, fallback: bool) -> None:
         self._current = deployment
         self._history.append(deployment)
+        self._trace = DeploymentTrace(
+            self._tracer,
+            {
+                "deployment.id": deployment.id,
+                "deployment.trigger": deployment.trigger,
+                "gen_ai.request.model": deployment.model_id,
+                "deployment.revision": deployment.revision or "",
+            },
+        )
         self._enter(deployment, Phase.PENDING)
         self._task = asyncio.create_task(
             self._run(deployment, source, fallback), name=f"deploy-{deployment.id}"
@@ -199,9 +220,14 @@ class ModelManager:
 
     async def _prepare(self, deployment: Deployment, source: ModelSource) -> ModelHandle:
         s = self._settings
+        loop = asyncio.get_running_loop()
+        publish_download = ProgressPublisher(self.events, loop, deployment.id, "download", "bytes")
 
         def on_progress(done: int, total: int | None) -> None:  # called from the download thread
+            if done > deployment.bytes_done:
+                self._metrics.model_download_bytes.inc(done - deployment.bytes_done)
             deployment.bytes_done, deployment.bytes_total = done, total
+            publish_download(done, total)
 
         self._enter(deployment, Phase.DOWNLOADING if source.kind is SourceKind.HUB else Phase.RESOLVING)
         model_dir: Path = await _in_daemon_thread(
@@ -213,7 +239,11 @@ class ModelManager:
         loader.check_memory_budget(parameters, dtype, s.max_model_bytes)
 
         self._enter(deployment, Phase.LOADING)
-        handle = await _in_daemon_thread(lambda: loader.load(model_dir, source, device=device, dtype=dtype))
+        publish_load = ProgressPublisher(self.events, loop, deployment.id, "load", "tensors")
+        handle = await _in_daemon_thread(
+            lambda: loader.load(model_dir, source, device=device, dtype=dtype, on_progress=publish_load)
+        )
+        self._track_resident(handle)
         self._check_not_stopping()
         self._enter(deployment, Phase.WARMING)
         await _in_daemon_thread(loader.warm_up, handle)
@@ -224,7 +254,17 @@ class ModelManager:
         if self._stopping:
             raise DeploymentInterruptedError("interrupted: the server is shutting down")
 
+    def _track_resident(self, handle: ModelHandle) -> None:
+        """Count the model's weights as resident until it is garbage collected (also when a swap or
+        a failed warm-up drops it), so the gauges show both models while one replaces the other."""
+        size = loader.weight_bytes(handle)
+        m = self._metrics
+        m.model_weights_bytes.inc(size)
+        m.models_resident.inc()
+        weakref.finalize(handle.model, _untrack_resident, m, size)
+
     def _swap(self, deployment: Deployment, handle: ModelHandle) -> None:
+        started = time.perf_counter()
         replaced = self._active is not None
         self._active = handle
         self._enter(deployment, Phase.READY)
@@ -239,6 +279,7 @@ class ModelManager:
         if replaced:
             # Frees the old model now unless in-flight requests still hold it (then with the last one).
             gc.collect()
+        m.model_swap_duration.observe(time.perf_counter() - started)
 
     def _fail(self, deployment: Deployment, reason: str) -> None:
         self._enter(deployment, Phase.FAILED, error=reason)
@@ -248,13 +289,32 @@ class ModelManager:
 
     def _enter(self, deployment: Deployment, phase: Phase, error: str | None = None) -> None:
         if phase is not Phase.PENDING:
+            left = deployment.phase.value
             deployment.enter(phase, error)
+            self._metrics.deployment_phase_duration.labels(left).observe(deployment.phase_seconds[left])
         for name in DEPLOYMENT_PHASES:
             self._metrics.deployment_phase.labels(name).set(1 if name == phase.value else 0)
+        self._publish(deployment)
         extra = {"deployment_id": deployment.id, "model_id": deployment.model_id, "phase": phase.value}
         if error:
             extra["error"] = error
         log.log(logging.WARNING if phase is Phase.FAILED else logging.INFO, "deployment phase", extra=extra)
+
+    def _publish(self, deployment: Deployment) -> None:
+        """The phase change as an event and a span; a terminal phase also as the outcome."""
+        event = deployment.as_dict()
+        self.events.publish(EventType.PHASE, event)
+        assert self._trace is not None  # _begin starts one per deployment
+        if deployment.phase in TERMINAL_PHASES:
+            self.events.publish(EventType.OUTCOME, event)
+            self._trace.end(deployment.phase.value, deployment.error)
+        else:
+            self._trace.phase(deployment.phase.value)
+
+
+def _untrack_resident(metrics: ServingMetrics, size: int) -> None:
+    metrics.model_weights_bytes.dec(size)
+    metrics.models_resident.dec()
 
 
 def model_info_dict(handle: ModelHandle) -> dict[str, Any]:

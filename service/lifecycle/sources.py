@@ -109,10 +109,16 @@ def _download(source: ModelSource, on_progress: ProgressCallback) -> Path:
     from huggingface_hub import snapshot_download
     from tqdm.auto import tqdm
 
-    class _ReportingTqdm(tqdm):  # huggingface_hub drives this bar with bytes downloaded
+    class _ReportingTqdm(tqdm):
+        # huggingface_hub drives two byte bars: "Downloading bytes" (network transfer, its total a
+        # running estimate) and the bytes written, whose total is the files' sizes: report the latter.
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            self._reports = self.unit == "B" and self.desc != "Downloading bytes"
+
         def update(self, n: float | None = 1) -> bool | None:
             shown = super().update(n)
-            if self.unit == "B":
+            if self._reports:
                 on_progress(int(self.n), int(self.total) if self.total else None)
             return shown
 

@@ -43,6 +43,7 @@ from infra_constructs.conventions import (
     PROMETHEUS_SELECTOR_LABELS,
 )
 from infra_constructs.model_server import APP_NAME, SERVICE_ACCOUNT_DIR, env_name
+from service import tracing
 from service.api.paths import HEALTHZ, HTTP_PORT_NAME, METRICS, READYZ
 from service.settings import BUNDLED_MODEL_ALIAS, DEFAULT_PORT, ENV_PREFIX, Settings
 
@@ -65,6 +66,7 @@ FULL_OPTIONS = [
     "--admin-secret", "chat-token", "--admin-secret-key", "admin", "--admin-secret-optional",
     "--max-running-requests", "8", "--max-queued-requests", "32",
     "--shutdown-grace-s", "60",
+    "--otlp-endpoint", "http://otel-collector.monitoring:4318",
     "--dashboards-namespace", "grafana",
 ]  # fmt: skip
 
@@ -301,6 +303,20 @@ def test_every_option_lands_in_the_objects(full_dir: Path, full_docs) -> None:
     dashboards = dashboards_config_map(full_docs)
     assert dashboards["metadata"]["namespace"] == "grafana"
     assert all(doc["metadata"]["namespace"] == "ml" for doc in full_docs if doc is not dashboards)
+
+
+def test_otlp_endpoint_turns_tracing_on(default_docs, full_docs) -> None:
+    assert not [name for name in env(default_docs) if name.startswith("OTEL_")]
+    values = env(full_docs)
+    otel = {name: value for name, value in values.items() if name.startswith("OTEL_")}
+    assert otel["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.monitoring:4318"
+    assert otel["OTEL_SERVICE_NAME"] == "chat"
+    excluded = otel["OTEL_PYTHON_AIOHTTP_SERVER_EXCLUDED_URLS"].split(",")
+    assert {f"/{path}" for path in excluded} == {HEALTHZ, READYZ, METRICS}
+    # The server reads exactly these variables to switch its exporter on.
+    provider = tracing.provider_from_environment(otel)
+    assert provider is not None
+    provider.shutdown()
 
 
 def test_autoscaling_owns_the_replica_count(full_docs) -> None:
