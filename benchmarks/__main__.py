@@ -6,7 +6,8 @@ In-process ``model.generate`` at batch 1 and 8 (the roofline), our server at eac
 targets as ratios, and writes benchmarks/results/serving.{md,json,png}; then the deploy latency
 figure (benchmarks/deploy_latency.py), the token gap of running streams while a 1 MiB prompt is
 admitted (benchmarks/tokenize_stall.py) and greedy reproducibility under batch sharing, bf16 vs
-float32 (benchmarks/batch_invariance.py).
+float32 (benchmarks/batch_invariance.py), and the per-token cost of constrained decoding for each
+grammar library installed (benchmarks/grammar_overhead.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks import batch_invariance, deploy_latency, inprocess, report, servers, tokenize_stall
+from benchmarks import (
+    batch_invariance,
+    deploy_latency,
+    grammar_overhead,
+    inprocess,
+    report,
+    servers,
+    tokenize_stall,
+)
 from benchmarks.common import NEW_TOKENS, RESULTS_DIR, Row, bundled_model_dir, num_threads, percentile
 from benchmarks.load import run_load
 
@@ -66,6 +75,9 @@ def main(argv: list[str] | None = None) -> None:
         "--skip-batch-invariance",
         action="store_true",
         help="leave out greedy reproducibility, bf16 vs float32",
+    )
+    parser.add_argument(
+        "--skip-grammar", action="store_true", help="leave out the constrained-decoding overhead"
     )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -127,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
         tokenize_stall.main(common)
     if not args.skip_batch_invariance:
         batch_invariance.main(common)
+    if not args.skip_grammar:
+        print("constrained decoding: per-token mask overhead by grammar library", flush=True)
+        grammar_overhead.main([])
 
 
 if __name__ == "__main__":
