@@ -221,7 +221,7 @@ def usage_of(results: list[GenerationResult], n: int = 1) -> Usage:
 
 
 def top_logprob(p: Logprob) -> TopLogprob:
-    return TopLogprob(token=p.token, logprob=p.logprob, bytes=list(p.token.encode()))
+    return TopLogprob(token=p.token, logprob=p.logprob, bytes=list(p.bytes))
 
 
 def chat_logprobs(scored: Sequence[TokenLogprobs]) -> ChoiceLogprobs:
