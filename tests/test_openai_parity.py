@@ -185,6 +185,8 @@ def test_legacy_prompt_lists_token_ids_and_n(client: openai.OpenAI, model_id: st
     by_ids = client.completions.create(**args, prompt=ids, echo=True)
     assert by_ids.choices[0].text == PROMPT + by_text.choices[0].text
     several = client.completions.create(**args, prompt=[ids, ids[:3]], n=2, best_of=2)
+    with pytest.raises(openai.UnprocessableEntityError, match="over the 72 sequences"):
+        client.completions.create(**args, prompt=["a"] * 19, n=4)  # 8 slots + 64 queued hold 72
     assert [c.index for c in several.choices] == [0, 1, 2, 3]
     assert several.choices[0].text == several.choices[1].text == by_text.choices[0].text
     assert several.usage.prompt_tokens == len(ids) + 3
