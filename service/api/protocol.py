@@ -120,7 +120,7 @@ class DeploymentResponse(BaseModel):
     id: str
     model_id: str
     revision: str | None
-    trigger: Literal["startup", "restore", "api"]
+    trigger: Literal["startup", "restore", "api", "fleet"]
     phase: Literal["pending", "resolving", "downloading", "loading", "warming", "ready", "failed"]
     error: str | None
     progress: Progress | None
