@@ -107,7 +107,7 @@ class ModelManager:
         }
 
     def add_phase_listener(self, listener: Callable[[Deployment], None]) -> None:
-        """Call ``listener(deployment)`` on the event loop after every phase change, terminal ones included."""
+        """Call ``listener(deployment)`` on the event loop after each phase change (terminal ones too)."""
         self._listeners.append(listener)
 
     # --- commands ---
@@ -141,7 +141,7 @@ class ModelManager:
         Raises :class:`SourceError` (a 4xx) for models this server must not or cannot serve, and
         :class:`DeploymentConflictError` while another deployment runs.
         """
-        source = self.check_source(model_id, revision)
+        source = await self.validate(model_id, revision)
         if self.deploying:
             assert self._current is not None
             raise DeploymentConflictError(self._current)
@@ -153,18 +153,20 @@ class ModelManager:
         ):
             assert self._serving is not None
             return self._serving, False
-        if source.kind is SourceKind.HUB:
-            await asyncio.to_thread(sources.check_hub_exists, source)
-            if self.deploying:  # another request won the race while we checked the hub
-                assert self._current is not None
-                raise DeploymentConflictError(self._current)
         deployment = Deployment(source.model_id, revision, trigger="api")
         self._begin(deployment, source, fallback=False)
         return deployment, True
 
+    async def validate(self, model_id: str, revision: str | None) -> ModelSource:
+        """Where an API-requested model comes from; :class:`SourceError` (a 4xx) when the allowlist,
+        the model root or the hub (or the offline cache) refuses it."""
+        source = self.check_source(model_id, revision)
+        if source.kind is SourceKind.HUB:
+            await asyncio.to_thread(sources.check_hub_exists, source)
+        return source
+
     def check_source(self, model_id: str, revision: str | None) -> ModelSource:
-        """Where an API-requested model comes from; :class:`SourceError` (a 4xx) when the allowlist
-        or the model root refuses it."""
+        """Like :meth:`validate` without the hub look-up (which the download itself makes)."""
         s = self._settings
         sources.check_allowed(model_id, s.allowed_models)
         source = sources.classify(model_id, revision, s.model_root)
