@@ -33,6 +33,7 @@ really come and go (a deleted Pod's replacement, terminating Pods leaving the li
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import threading
@@ -293,28 +294,32 @@ class KubeApiDouble:
             return response
         assert self._changed is not None and self._closing is not None
         closing, cursor = self._closing, since
-        while not closing.is_set():
-            for rv, p, kind, obj in [e for e in self.events if e[0] > cursor]:
-                cursor = rv
-                if matches(p, obj):
-                    await send({"type": kind, "object": obj})
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                break
-            async with self._changed:
-                try:
-                    await asyncio.wait_for(self._changed.wait(), min(remaining, BOOKMARK_INTERVAL_S))
-                except TimeoutError:
-                    # A bookmark only when every event up to now has been sent (one may have come
-                    # while this handler was writing, before it waited).
-                    if bookmarks and not closing.is_set() and all(e[0] <= cursor for e in self.events[-1:]):
-                        cursor = self.resource_version
-                        bookmark = {
-                            "kind": KINDS[plural],
-                            "apiVersion": "v1",
-                            "metadata": {"resourceVersion": str(cursor)},
+        with contextlib.suppress(ConnectionResetError):  # the client went away (a replica stopping)
+            while not closing.is_set():
+                for rv, p, kind, obj in [e for e in self.events if e[0] > cursor]:
+                    cursor = rv
+                    if matches(p, obj):
+                        await send({"type": kind, "object": obj})
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                async with self._changed:
+                    try:
+                        await asyncio.wait_for(self._changed.wait(), min(remaining, BOOKMARK_INTERVAL_S))
+                        continue
+                    except TimeoutError:
+                        pass
+                # A bookmark only when every event up to now has been sent (one may have come while
+                # this handler was writing, before it waited).
+                if bookmarks and not closing.is_set() and all(e[0] <= cursor for e in self.events[-1:]):
+                    cursor = self.resource_version
+                    meta = {"resourceVersion": str(cursor)}
+                    await send(
+                        {
+                            "type": "BOOKMARK",
+                            "object": {"kind": KINDS[plural], "apiVersion": "v1", "metadata": meta},
                         }
-                        await send({"type": "BOOKMARK", "object": bookmark})
+                    )
         return response
 
     async def _read(self, request: web.Request) -> web.Response:

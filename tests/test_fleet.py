@@ -8,8 +8,10 @@ fails on the two others.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -96,6 +98,11 @@ def converged(fleet: dict[str, Any], model_id: str) -> bool:
     )
 
 
+def apply_manifest(fleet: Fleet, model_id: str) -> None:
+    """What ``kubectl apply`` of the synthesized ConfigMap does: the model set, the other keys empty."""
+    fleet.double.put("configmaps", NAMESPACE, CONFIGMAP, {"data": {"model_id": model_id, "revision": ""}})
+
+
 def metric(base_url: str, name: str) -> float:
     for line in httpx.get(f"{base_url}/metrics").text.splitlines():
         if line.startswith(name + " "):
@@ -137,6 +144,8 @@ def fleet(
             server.wait_ready()
         fleet.wait_converged(configured)
         yield fleet
+        for server in fleet.servers:  # stop them together (the exit stack then waits for each)
+            server.process.send_signal(signal.SIGTERM)
     double.close()
 
 
@@ -178,6 +187,8 @@ def test_post_to_one_replica_rolls_out_to_all_under_traffic(fleet: Fleet) -> Non
     for url in fleet.urls:
         assert httpx.get(f"{url}/model").json()["model_id"].endswith("/tiny-b")
     assert fleet.post(2, "tiny-b").status_code == 200  # the fleet already serves it: a no-op
+    for url in fleet.urls:
+        assert metric(url, 'serving_fleet_rollouts_total{outcome="ready"}') >= 1
 
 
 def test_concurrent_posts_to_two_replicas_one_wins(fleet: Fleet) -> None:
@@ -225,18 +236,38 @@ def test_a_model_failing_on_some_replicas_rolls_the_whole_fleet_back(fleet: Flee
     assert len(rolled_back_writes) == 1, rolled_back_writes
     for url in fleet.urls:
         assert httpx.get(f"{url}/model").json()["model_id"].endswith(f"/{before}")
+        assert metric(url, 'serving_fleet_rollouts_total{outcome="rolled_back"}') == 1
 
 
-def test_a_restarted_replica_comes_back_on_the_desired_model(fleet: Fleet) -> None:
-    desired = fleet.wait(lambda f: f["rollout"]["phase"] != "rolling_out")["desired"]["model_id"]
-    assert desired != fleet.configured
+def test_a_restarted_replica_serves_nothing_but_the_desired_model(fleet: Fleet) -> None:
+    good = fleet.wait(lambda f: f["rollout"]["phase"] != "rolling_out")["desired"]["model_id"]
+    assert good != fleet.configured
+    # kubectl apply of a manifest naming tiny-c: no previous model recorded, so nothing rolls back;
+    # chat-1 and chat-2 keep serving the good model and say why they did not follow.
+    apply_manifest(fleet, "tiny-c")
+    view = fleet.wait(lambda f: [r["phase"] for r in f["replicas"]] == ["ready", "failed", "failed"])
+    assert (
+        view["rollout"]["message"] == "rolling out 1/3"
+        and "'tiny-c' does not exist" in view["replicas"][2]["error"]
+    )
     assert fleet.servers[2].terminate() == 0
     fleet.servers[2] = fleet.launch(2)
-    fleet.servers[2].wait_ready()
-    assert httpx.get(f"{fleet.urls[2]}/model").json()["model_id"].endswith(f"/{desired}")
+    deadline = time.monotonic() + 120
+    while True:  # until its start-up deployment has failed (it listens before it deploys)
+        assert time.monotonic() < deadline and fleet.servers[2].process.poll() is None
+        with contextlib.suppress(httpx.TransportError):
+            if (fleet.status(2)["deployment"] or {}).get("phase") == "failed":
+                break
+        time.sleep(0.1)
     status = fleet.status(2)
-    assert status["deployment"]["trigger"] == "fleet" and len(status["history"]) == 1  # never served --model
-    fleet.wait_converged(desired)
+    assert not status["ready"] and len(status["history"]) == 1  # it never served --model meanwhile
+    assert httpx.get(f"{fleet.urls[2]}/readyz").status_code == 503
+    assert "'tiny-c' does not exist" in status["deployment"]["error"]
+    apply_manifest(fleet, good)
+    fleet.servers[2].wait_ready()
+    assert httpx.get(f"{fleet.urls[2]}/model").json()["model_id"].endswith(f"/{good}")
+    assert fleet.status(2)["deployment"]["trigger"] == "fleet"
+    fleet.wait_converged(good)
 
 
 def test_replicas_serve_through_an_api_outage_and_resync(fleet: Fleet) -> None:
@@ -254,7 +285,7 @@ def test_replicas_serve_through_an_api_outage_and_resync(fleet: Fleet) -> None:
             time.sleep(0.05)
         fleet.double.start()
         # A GitOps-style write (kubectl apply of a manifest: the other keys empty) while they resync.
-        fleet.double.put("configmaps", NAMESPACE, CONFIGMAP, {"data": {"model_id": "tiny-b", "revision": ""}})
+        apply_manifest(fleet, "tiny-b")
         view = fleet.wait_converged("tiny-b")
     assert view["connection"] == "connected"
     failures = [r for r in traffic.results if r[0] != 200]
