@@ -16,14 +16,19 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
+from service.lifecycle.fleet import ROLLOUT_TIMEOUT_S, DesiredModel, ReplicaState, Rollout
 from service.lifecycle.kube import REPLICA_STATE_ANNOTATION
 from service.metrics import FLEET_REPLICA_CONVERGED, KUBE_API_CONNECTED
+from service.settings import Settings
 from tests.kube_api_double import KubeApiDouble
 from tests.server_process import ServerProcess, running_server
 from tests.test_server_process import Traffic
@@ -147,6 +152,27 @@ def fleet(
         for server in fleet.servers:  # stop them together (the exit stack then waits for each)
             server.process.send_signal(signal.SIGTERM)
     double.close()
+
+
+def test_cluster_mode_needs_the_pod_identity() -> None:
+    with pytest.raises(ValidationError, match="SERVING_POD_NAME"):
+        Settings(cluster_mode=True, cluster_pod_selector=SELECTOR)
+    assert not Settings().cluster_mode  # off by default: make serve is a single server
+
+
+def test_rollout_view_from_replica_states() -> None:
+    now = datetime.now(UTC)
+    desired = DesiredModel("m", rollout_id="r1", rollout_outcome="rolling_out", updated_at=now.isoformat())
+    done = ReplicaState("a", "m", None, "ready", None, "r1", now.isoformat())
+    loading = replace(done, name="b", phase="loading")
+    garbage = ReplicaState.parse("c", "{not json")
+    assert garbage.phase == "unknown" and garbage.model_id is None
+    rollout = Rollout(desired, [done, loading, garbage])
+    assert rollout.as_dict()["message"] == "rolling out 1/3" and rollout.in_progress
+    stale = replace(desired, updated_at=(now - timedelta(seconds=ROLLOUT_TIMEOUT_S + 1)).isoformat())
+    assert not Rollout(stale, [done, loading]).in_progress  # a stuck rollout stops blocking POST /model
+    assert Rollout(desired, [done, replace(loading, phase="ready")]).phase == "ready"
+    assert DesiredModel.from_data(desired.to_data()) == desired
 
 
 def test_start_up_serves_the_desired_model_and_publishes_each_replica(fleet: Fleet) -> None:
