@@ -190,7 +190,7 @@ class FleetReconciler:
         self._wake = asyncio.Event()
         self._connected = False
         self._desired: DesiredModel | None = None
-        # What this replica deploys (rollout id, model), serves, and last failed to deploy (+ why).
+        # What this replica deploys (rollout id, model), serves, and last failed to deploy.
         self._target: tuple[str, ModelKey] | None = None
         self._serving: ModelKey | None = None
         self._failed: tuple[str, ModelKey] | None = None
