@@ -196,8 +196,9 @@ class FleetReconciler:
         self._failed: tuple[str, ModelKey] | None = None
         self._published: ReplicaState | None = None
         self._replicas: list[ReplicaState] = []  # last successful pod list, shown while disconnected
-        self._rollout_seen: dict[str, float] = {}  # rollout id -> monotonic time first seen
-        self._rollouts_counted: set[tuple[str, str]] = set()  # (rollout id, outcome)
+        # When this replica first saw the current desired model, and the outcomes it counted for it.
+        self._desired_seen = time.monotonic()
+        self._outcomes_counted: set[str] = set()
         metrics.kube_api_connected.set(0)
         metrics.fleet_replica_converged.set(0)
 
@@ -341,13 +342,13 @@ class FleetReconciler:
         self._desired = desired
         if old is None or (old.rollout_id, old.key) != (desired.rollout_id, desired.key):
             self._failed = None  # a new desired model: a failure of the old one no longer applies
-            self._rollout_seen.setdefault(desired.rollout_id, time.monotonic())
+            self._desired_seen, self._outcomes_counted = time.monotonic(), set()
             log.info("desired model", extra={"model_id": desired.model_id, "rollout_id": desired.rollout_id})
         m = self._metrics.fleet_desired_model_info
         m.clear()
         m.labels(desired.model_id, desired.revision or "", desired.rollout_id).set(1)
         if desired.rollout_outcome == ROLLED_BACK:
-            self._count_rollout(desired.rollout_id, ROLLED_BACK)
+            self._count_rollout(ROLLED_BACK)
         self._wake.set()
 
     # --- converging on it ---
@@ -389,7 +390,7 @@ class FleetReconciler:
         if self._failed == wanted and desired.rollout_outcome == ROLLING_OUT and desired.previous_model_id:
             await self._roll_back(desired)
         elif converged and desired.rollout_outcome != ROLLED_BACK:
-            self._count_rollout(desired.rollout_id, READY)
+            self._count_rollout(READY)
             if desired.rollout_outcome == ROLLING_OUT:
                 await self._mark_ready(desired)
 
@@ -468,11 +469,11 @@ class FleetReconciler:
                 replace(desired, rollout_outcome=READY, updated_at=_now()).to_data(), resource_version
             )
 
-    def _count_rollout(self, rollout_id: str, outcome: str) -> None:
-        if (rollout_id, outcome) in self._rollouts_counted:
+    def _count_rollout(self, outcome: str) -> None:
+        """Count the current desired model's rollout once per outcome (and time it when ready)."""
+        if outcome in self._outcomes_counted:
             return
-        self._rollouts_counted.add((rollout_id, outcome))
+        self._outcomes_counted.add(outcome)
         self._metrics.fleet_rollouts.labels(outcome).inc()
-        seen = self._rollout_seen.get(rollout_id)
-        if outcome == READY and seen is not None:
-            self._metrics.fleet_rollout_duration.observe(time.monotonic() - seen)
+        if outcome == READY:
+            self._metrics.fleet_rollout_duration.observe(time.monotonic() - self._desired_seen)
