@@ -368,9 +368,9 @@ class FleetReconciler:
             self._wake.clear()
             try:
                 await self._reconcile()
-            except (ApiException, *TRANSPORT_ERRORS) as exc:
-                # Publishing or rolling back failed: the model keeps serving; try again later.
-                log.warning("Kubernetes API call failed; retrying", extra={"error": repr(exc)})
+            except Exception as exc:  # the model keeps serving, and this loop must not die: retry later
+                unexpected = not isinstance(exc, (ApiException, *TRANSPORT_ERRORS))
+                log.warning("reconciling failed; retrying", extra={"error": repr(exc)}, exc_info=unexpected)
                 asyncio.get_running_loop().call_later(delay, self._wake.set)
                 delay = min(delay * 2, BACKOFF_S[1])
             else:
@@ -423,13 +423,13 @@ class FleetReconciler:
         while True:
             data, resource_version = await self.api.read_desired()
             current = DesiredModel.from_data(data)
-            if (current.rollout_id, current.key, current.rollout_outcome) != (
+            still_failing = (current.rollout_id, current.key, current.rollout_outcome) == (
                 failed.rollout_id,
                 failed.key,
                 ROLLING_OUT,
-            ):
+            )
+            if not (still_failing and current.previous_model_id):
                 return  # another replica rolled it back first, or a new rollout replaced it
-            assert current.previous_model_id is not None
             rolled_back = replace(
                 current,
                 model_id=current.previous_model_id,
