@@ -93,6 +93,15 @@ class Fleet:
     def wait_converged(self, model_id: str, timeout_s: float = 120) -> dict[str, Any]:
         return self.wait(lambda f: converged(f, model_id), timeout_s)
 
+    def settled(self) -> str:
+        """The desired model, once every replica serves it (whatever the tests before did)."""
+        return self.wait(lambda f: converged(f, f["desired"]["model_id"]))["desired"]["model_id"]
+
+
+def another(model_id: str) -> str:
+    """A model every replica can load, other than ``model_id``."""
+    return next(m for m in EVERYWHERE if m != model_id)
+
 
 def converged(fleet: dict[str, Any], model_id: str) -> bool:
     rollout, desired = fleet["rollout"], fleet["desired"]
@@ -218,7 +227,7 @@ def test_post_to_one_replica_rolls_out_to_all_under_traffic(fleet: Fleet) -> Non
 
 
 def test_concurrent_posts_to_two_replicas_one_wins(fleet: Fleet) -> None:
-    fleet.wait_converged("tiny-b")
+    first, second = [m for m in EVERYWHERE if m != fleet.settled()][:2]
     answers: dict[str, httpx.Response] = {}
     barrier = threading.Barrier(2)
 
@@ -226,7 +235,7 @@ def test_concurrent_posts_to_two_replicas_one_wins(fleet: Fleet) -> None:
         barrier.wait()
         answers[model_id] = fleet.post(index, model_id)
 
-    threads = [threading.Thread(target=post, args=a) for a in ((0, "tiny-a"), (1, "tiny-d"))]
+    threads = [threading.Thread(target=post, args=a) for a in ((0, first), (1, second))]
     for t in threads:
         t.start()
     for t in threads:
@@ -240,7 +249,7 @@ def test_concurrent_posts_to_two_replicas_one_wins(fleet: Fleet) -> None:
 
 
 def test_a_model_failing_on_some_replicas_rolls_the_whole_fleet_back(fleet: Fleet) -> None:
-    before = fleet.wait(lambda f: f["rollout"]["phase"] == "ready")["desired"]["model_id"]
+    before = fleet.settled()
     response = fleet.post(0, "tiny-c")  # valid on chat-0; absent from the roots of chat-1 and chat-2
     assert response.status_code == 202, response.text
     view = fleet.wait(lambda f: f["rollout"]["phase"] == "rolled_back" and converged(f, before))
@@ -266,8 +275,7 @@ def test_a_model_failing_on_some_replicas_rolls_the_whole_fleet_back(fleet: Flee
 
 
 def test_a_restarted_replica_serves_nothing_but_the_desired_model(fleet: Fleet) -> None:
-    good = fleet.wait(lambda f: f["rollout"]["phase"] != "rolling_out")["desired"]["model_id"]
-    assert good != fleet.configured
+    good = fleet.settled()
     # kubectl apply of a manifest naming tiny-c: no previous model recorded, so nothing rolls back;
     # chat-1 and chat-2 keep serving the good model and say why they did not follow.
     apply_manifest(fleet, "tiny-c")
@@ -297,8 +305,7 @@ def test_a_restarted_replica_serves_nothing_but_the_desired_model(fleet: Fleet) 
 
 
 def test_replicas_serve_through_an_api_outage_and_resync(fleet: Fleet) -> None:
-    # The model before is tiny-a or tiny-d (whichever won the concurrent POSTs), never tiny-b.
-    fleet.wait(lambda f: f["rollout"]["phase"] != "rolling_out")
+    target = another(fleet.settled())
     with Traffic(*fleet.urls) as traffic:
         fleet.double.stop()
         for index in range(len(PODS)):
@@ -311,15 +318,15 @@ def test_replicas_serve_through_an_api_outage_and_resync(fleet: Fleet) -> None:
             time.sleep(0.05)
         fleet.double.start()
         # A GitOps-style write (kubectl apply of a manifest: the other keys empty) while they resync.
-        apply_manifest(fleet, "tiny-b")
-        view = fleet.wait_converged("tiny-b")
+        apply_manifest(fleet, target)
+        view = fleet.wait_converged(target)
     assert view["connection"] == "connected"
     failures = [r for r in traffic.results if r[0] != 200]
     assert not failures, failures
 
 
 def test_a_410_gone_watch_leads_to_a_relist(fleet: Fleet) -> None:
-    fleet.wait_converged("tiny-b")
+    target = another(fleet.settled())
     lists, gone = fleet.double.requests["list configmaps"], fleet.double.requests["410"]
     fleet.double.expire_watches()
     deadline = time.monotonic() + 60
@@ -328,5 +335,5 @@ def test_a_410_gone_watch_leads_to_a_relist(fleet: Fleet) -> None:
     ] < lists + len(PODS):
         assert time.monotonic() < deadline, fleet.double.requests
         time.sleep(0.1)
-    assert fleet.post(1, "tiny-d").status_code == 202
-    fleet.wait_converged("tiny-d")
+    assert fleet.post(1, target).status_code == 202
+    fleet.wait_converged(target)
