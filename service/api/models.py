@@ -13,7 +13,7 @@ from aiohttp import web
 from service.api import keys, paths
 from service.api.errors import ApiError, model_not_ready, parse_body
 from service.api.protocol import DeployRequest
-from service.lifecycle.fleet import FleetReconciler, FleetUnavailableError, RolloutInProgressError
+from service.lifecycle.fleet import FleetUnavailableError, RolloutInProgressError
 from service.lifecycle.manager import DeploymentConflictError, model_info_dict
 from service.lifecycle.sources import SourceError
 
@@ -78,7 +78,7 @@ async def deploy_model(request: web.Request) -> web.Response:
 @routes.get(paths.STATUS)
 async def status(request: web.Request) -> web.Response:
     body = request.app[keys.MANAGER].status()
-    fleet: FleetReconciler | None = request.app.get(keys.FLEET)
+    fleet = request.app.get(keys.FLEET)
     if fleet is not None:
         body["fleet"] = await fleet.view()
     return web.json_response(body)
