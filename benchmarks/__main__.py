@@ -4,7 +4,9 @@ In-process ``model.generate`` at batch 1 and 8 (the roofline), our server at eac
 (streaming, NEW_TOKENS greedy tokens, fixed prompt), and ``transformers serve`` with and without
 ``--continuous-batching`` when ``transformers[serving]`` is installed. Prints the table and the
 targets as ratios, and writes benchmarks/results/serving.{md,json,png}; then the deploy latency
-figure (benchmarks/deploy_latency.py).
+figure (benchmarks/deploy_latency.py), the token gap of running streams while a 1 MiB prompt is
+admitted (benchmarks/tokenize_stall.py) and greedy reproducibility under batch sharing, bf16 vs
+float32 (benchmarks/batch_invariance.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks import deploy_latency, inprocess, report, servers
+from benchmarks import batch_invariance, deploy_latency, inprocess, report, servers, tokenize_stall
 from benchmarks.common import NEW_TOKENS, RESULTS_DIR, Row, bundled_model_dir, num_threads, percentile
 from benchmarks.load import run_load
 
@@ -59,6 +61,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=num_threads(), help="torch threads (default: cores)")
     parser.add_argument("--skip-peer", action="store_true", help="leave out transformers serve")
     parser.add_argument("--skip-deploy", action="store_true", help="leave out the deploy latency figure")
+    parser.add_argument("--skip-stall", action="store_true", help="leave out the tokenize stall figure")
+    parser.add_argument(
+        "--skip-batch-invariance",
+        action="store_true",
+        help="leave out greedy reproducibility, bf16 vs float32",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
 
@@ -111,9 +119,14 @@ def main(argv: list[str] | None = None) -> None:
     goals = report.targets(rows, prefill_s)
     print()
     print(report.write(rows, goals, notes, meta, args.out))
+    common = ["--threads", str(args.threads), "--out", str(args.out)]
     if not args.skip_deploy:
         print("deploy latency (POST /model to phase ready)", flush=True)
-        deploy_latency.main(["--threads", str(args.threads), "--out", str(args.out)])
+        deploy_latency.main(common)
+    if not args.skip_stall:
+        tokenize_stall.main(common)
+    if not args.skip_batch_invariance:
+        batch_invariance.main(common)
 
 
 if __name__ == "__main__":

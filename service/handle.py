@@ -67,12 +67,13 @@ class ModelHandle:
 
     def _thread_tokenizer(self) -> Any:
         # Fast tokenizers shared between threads fail with "Already borrowed", so each thread gets
-        # its own copy, made on first use (SmolLM2's: ~0.12 s, ~8 MiB) and freed with the handle.
-        # Copies rather than one locked copy: the lock serializes prompt tokenizing (which runs
-        # without the GIL), measured 8 prompts of 128 KiB on 2 threads in 0.50-0.62 s locked vs
-        # 0.27-0.30 s with copies (benchmarks/tokenize_stall.py); the threads are few (the HTTP
-        # layer's tokenizer pool). A deep copy only reads the original, which the scheduler
-        # thread's decode does too.
+        # its own copy, made on first use (SmolLM2's: 0.12-0.3 s, ~8.8 MiB) and freed with the
+        # handle. Copies rather than one copy behind a lock (benchmarks/tokenize_stall.py, 8 prompts
+        # of 128 KiB on 2 threads): with free cores the copies tokenize in parallel (tokenizers
+        # release the GIL), 0.27-0.30 s vs 0.50-0.62 s locked; on cores saturated by other work the
+        # lock is as fast or faster (2.0-2.6 s vs 2.6-3.0 s). The lock would also queue every short
+        # prompt behind a 1 MiB one (~0.85 s). The threads are few: the HTTP layer's tokenizer pool.
+        # A deep copy only reads the original, as the scheduler thread's decode does.
         tokenizer = getattr(self._per_thread, "tokenizer", None)
         if tokenizer is None:
             tokenizer = self._per_thread.tokenizer = copy.deepcopy(self.tokenizer)
