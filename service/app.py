@@ -34,6 +34,7 @@ from service.api.middleware import (
     shutdown_gate,
 )
 from service.engine import Engine
+from service.lifecycle.fleet import FleetReconciler
 from service.lifecycle.manager import ModelManager
 from service.metrics import ServingMetrics
 from service.settings import Settings
@@ -60,7 +61,8 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _manager_ctx(app: web.Application) -> AsyncIterator[None]:
     manager = app[keys.MANAGER]
-    await manager.start()
+    # In cluster mode the fleet reconciler chooses the model (the desired-state ConfigMap).
+    await manager.start(deploy=not app[keys.SETTINGS].cluster_mode)
     yield
     await manager.stop()
 
@@ -75,6 +77,13 @@ def _tracer_provider_ctx(provider: TracerProvider) -> Callable[[web.Application]
         provider.shutdown()  # exports the spans still batched
 
     return ctx
+
+
+async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
+    fleet = app[keys.FLEET]
+    await fleet.start()
+    yield
+    await fleet.stop()
 
 
 def create_app(
@@ -106,7 +115,7 @@ def create_app(
     app[keys.METRICS] = metrics
     app[keys.GATE] = gate
     app[keys.TRACER] = tracer
-    app[keys.MANAGER] = ModelManager(settings, metrics, tracer)
+    manager = app[keys.MANAGER] = ModelManager(settings, metrics, tracer)
     app[keys.TOKENIZER_POOL] = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
     app[keys.ENGINE] = Engine(
         max_running=settings.max_running_requests,
@@ -117,6 +126,9 @@ def create_app(
     app[load.SAMPLER] = load.LoadSampler(metrics, max_running=settings.max_running_requests)
     # The engine outlives the manager on shutdown: in-flight requests finish before models unload.
     app.cleanup_ctx.extend([_tokenizer_pool_ctx, _engine_ctx, _manager_ctx, load.sampler_ctx])
+    if settings.cluster_mode:
+        app[keys.FLEET] = FleetReconciler(settings, manager, metrics)
+        app.cleanup_ctx.append(_fleet_ctx)
     if provider is not None and tracer_provider is None:
         app.cleanup_ctx.append(_tracer_provider_ctx(provider))
     # Event streams never end by themselves: end them before the server waits for handlers.

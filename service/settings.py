@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "SERVING_"
@@ -113,6 +113,34 @@ class Settings(BaseSettings):
         30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+
+    # --- cluster mode (the ModelServer construct sets these) ---
+    cluster_mode: bool = Field(
+        False,
+        description="Take the desired model from a ConfigMap in the Kubernetes API (watched by every "
+        "replica) instead of the state directory, and publish this replica's state on its Pod.",
+    )
+    cluster_configmap: str = Field(
+        "model-server-desired-model", description="Name of the desired-state ConfigMap (cluster mode)."
+    )
+    cluster_namespace: str = Field(
+        "default",
+        description="Namespace of the ConfigMap and the pods (cluster mode; the downward API sets it).",
+    )
+    pod_name: str | None = Field(
+        None, description="This replica's Pod name (cluster mode; the downward API sets it)."
+    )
+    cluster_pod_selector: str | None = Field(
+        None,
+        description="Label selector of the release's pods, e.g. app.kubernetes.io/instance=chat "
+        "(cluster mode).",
+    )
+
+    @model_validator(mode="after")
+    def _cluster_needs_pod_identity(self) -> Settings:
+        if self.cluster_mode and not (self.pod_name and self.cluster_pod_selector):
+            raise ValueError("cluster mode needs SERVING_POD_NAME and SERVING_CLUSTER_POD_SELECTOR")
+        return self
 
     @field_validator("allowed_models", "cors_origins", mode="before")
     @classmethod

@@ -328,6 +328,19 @@ async def test_failed_deployments_keep_the_old_model(
     assert (await wait_for_phase(client, body["id"]))["serving"]["model_id"] == str(tiny_model_b)
 
 
+async def test_redeploy_after_a_failure_returns_the_serving_deployment(
+    client: TestClient, tiny_model_b: Path, models_root: Path
+) -> None:
+    status, good = await deploy(client, "tiny-b")
+    await wait_for_phase(client, good["id"])
+    broken = broken_copy(tiny_model_b, models_root, "no-weights")
+    (broken / "model.safetensors").unlink()
+    status, failed = await deploy(client, "no-weights")
+    assert (await wait_for_phase(client, failed["id"]))["deployment"]["phase"] == "failed"
+    status, again = await deploy(client, "tiny-b")
+    assert status == 200 and again["id"] == good["id"] and again["phase"] == "ready", again
+
+
 async def test_memory_budget_refuses_before_loading(
     aiohttp_client: Any, tmp_path: Path, tiny_model_a: Path, models_root: Path
 ) -> None:

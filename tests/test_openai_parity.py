@@ -91,7 +91,8 @@ def test_chat_logprobs_equal_a_direct_forward_pass(
     rows = greedy_reference(tiny_model_a, post(http, "/tokenize", messages=MESSAGES)["tokens"], 5)
     for entry, row in zip(content, rows, strict=True):
         token_id = int(row.argmax())
-        assert entry.token == tokenizer.decode([token_id]) and entry.bytes == list(entry.token.encode())
+        assert entry.token == tokenizer.decode([token_id])
+        assert bytes(entry.bytes).decode(errors="replace") == entry.token
         assert entry.logprob == pytest.approx(float(row[token_id]), abs=1e-3)
         top = [t.logprob for t in entry.top_logprobs]
         assert len(top) == 3 and top == sorted(top, reverse=True)
@@ -184,6 +185,8 @@ def test_legacy_prompt_lists_token_ids_and_n(client: openai.OpenAI, model_id: st
     by_ids = client.completions.create(**args, prompt=ids, echo=True)
     assert by_ids.choices[0].text == PROMPT + by_text.choices[0].text
     several = client.completions.create(**args, prompt=[ids, ids[:3]], n=2, best_of=2)
+    with pytest.raises(openai.UnprocessableEntityError, match="over the 72 sequences"):
+        client.completions.create(**args, prompt=["a"] * 19, n=4)  # 8 slots + 64 queued hold 72
     assert [c.index for c in several.choices] == [0, 1, 2, 3]
     assert several.choices[0].text == several.choices[1].text == by_text.choices[0].text
     assert several.usage.prompt_tokens == len(ids) + 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from pathlib import Path
@@ -31,18 +32,19 @@ def wait_deployed(base_url: str, deployment_id: str, timeout_s: float = 120) -> 
 
 
 class Traffic:
-    """Clients sending completions back to back until stopped, recording every answer."""
+    """Clients sending completions back to back until stopped, recording every answer; with several
+    servers, each request goes to one picked at random (as a Service would)."""
 
-    def __init__(self, base_url: str, clients: int = 3) -> None:
-        self.base_url = base_url
+    def __init__(self, *base_urls: str, clients: int = 3) -> None:
+        self.base_urls = base_urls
         self.results: list[tuple[int, str | None]] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
 
     def _run(self) -> None:
-        with httpx.Client(base_url=self.base_url, timeout=60) as client:
+        with httpx.Client(timeout=60) as client:
             while not self._stop.is_set():
-                response = client.post("/completion", json=CHAT)
+                response = client.post(f"{random.choice(self.base_urls)}/completion", json=CHAT)
                 model = response.json().get("model") if response.status_code == 200 else response.text
                 self.results.append((response.status_code, model))
 

@@ -190,11 +190,20 @@ def sampling_params(
 
 
 def check_n(request: web.Request, n: int, prompts: int = 1) -> None:
-    """422 unless ``n`` choices (of each of ``prompts`` prompts) fit the server's limits."""
+    """422 unless ``n`` choices (of each of ``prompts`` prompts) fit the server's limits: at most
+    ``max_n`` and a batch's slots per prompt, and no more sequences than the server ever holds (a
+    request that could never be admitted whole is not a 429)."""
     settings = request.app[keys.SETTINGS]
     limit = min(settings.max_n, settings.max_running_requests)
     if n > limit:
         raise ApiError(422, f"n must be at most {limit}", type="invalid_request")
+    capacity = settings.max_running_requests + settings.max_queued_requests
+    if n * prompts > capacity:
+        raise ApiError(
+            422,
+            f"{prompts} prompts x n={n} is over the {capacity} sequences this server holds",
+            type="invalid_request",
+        )
 
 
 def submit(
@@ -261,7 +270,7 @@ def usage_of(results: list[GenerationResult], n: int = 1) -> Usage:
 
 
 def top_logprob(p: Logprob) -> TopLogprob:
-    return TopLogprob(token=p.token, logprob=p.logprob, bytes=list(p.token.encode()))
+    return TopLogprob(token=p.token, logprob=p.logprob, bytes=list(p.bytes))
 
 
 def chat_logprobs(scored: Sequence[TokenLogprobs]) -> ChoiceLogprobs:

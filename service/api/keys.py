@@ -9,6 +9,7 @@ from opentelemetry import trace
 
 from service.api.middleware import ShutdownGate
 from service.engine import Engine
+from service.lifecycle.fleet import FleetReconciler
 from service.lifecycle.manager import ModelManager
 from service.metrics import ServingMetrics
 from service.settings import Settings
@@ -22,3 +23,5 @@ GATE = web.AppKey("shutdown_gate", ShutdownGate)
 TOKENIZER_POOL = web.AppKey("tokenizer_pool", ThreadPoolExecutor)
 #: Tracer for the spans the HTTP layer adds under the request's span (a no-op one when tracing is off).
 TRACER = web.AppKey("tracer", trace.Tracer)
+#: Present in cluster mode only.
+FLEET = web.AppKey("fleet", FleetReconciler)

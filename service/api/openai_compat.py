@@ -231,7 +231,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, LegacyCompletionRequest)
     handle = serving_handle(request, body.model)
     _refuse_unhonoured(body)
-    check_n(request, body.n)
+    check_n(request, body.n, len(body.prompts()))
     k = body.logprobs
     scores_prompt = body.echo and k is not None
     params = sampling_params(request, handle, body, body.max_tokens, k, k if scores_prompt else None)

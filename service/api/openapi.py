@@ -105,7 +105,8 @@ ENDPOINTS = (
     Endpoint(
         "post",
         paths.MODEL,
-        "Deploy another model (202: started; 200: already serving)",
+        "Deploy another model (202: started; 200: already serving). Cluster mode: the fleet's "
+        "desired model, answered with the fleet view (FleetView)",
         protocol.DeploymentResponse,
         ok_status=202,
         request=protocol.DeployRequest,

@@ -259,7 +259,7 @@ class DeploymentResponse(BaseModel):
     id: str
     model_id: str
     revision: str | None
-    trigger: Literal["startup", "restore", "api"]
+    trigger: Literal["startup", "restore", "api", "fleet"]
     phase: Literal["pending", "resolving", "downloading", "loading", "warming", "ready", "failed"]
     error: str | None
     progress: Progress | None
@@ -269,11 +269,51 @@ class DeploymentResponse(BaseModel):
     phase_seconds: dict[str, float]
 
 
+class FleetModel(BaseModel):
+    model_id: str
+    revision: str | None
+
+
+class FleetDesired(FleetModel):
+    rollout_id: str | None
+    previous: FleetModel | None
+
+
+class FleetRollout(BaseModel):
+    id: str | None
+    phase: Literal["rolling_out", "ready", "rolled_back"]
+    ready: int = Field(description="Replicas serving the desired model.")
+    total: int
+    message: str = Field(description="e.g. 'rolling out 2/3'.")
+    failed_replica: str | None
+    reason: str | None
+
+
+class FleetReplica(BaseModel):
+    name: str = Field(description="The replica's Pod name.")
+    model_id: str | None
+    revision: str | None
+    phase: str
+    error: str | None
+    rollout_id: str | None
+    updated_at: str | None
+
+
+class FleetView(BaseModel):
+    """Cluster mode: the desired model (from the Kubernetes API) and every replica's state."""
+
+    desired: FleetDesired | None
+    rollout: FleetRollout | None
+    replicas: list[FleetReplica]
+    connection: Literal["connected", "disconnected"]
+
+
 class StatusResponse(BaseModel):
     ready: bool
     serving: ModelInfoResponse | None
     deployment: DeploymentResponse | None
     history: list[DeploymentResponse]
+    fleet: FleetView | None = Field(None, description="Cluster mode only (absent otherwise).")
 
 
 class LoadSummary(BaseModel):

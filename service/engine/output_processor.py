@@ -19,6 +19,7 @@ from service.engine.logits import RawLogprobs
 from service.engine.sequence import Sequence
 from service.engine.stream import GenerationStream
 from service.engine.telemetry import EngineMetrics
+from service.engine.text import token_bytes
 from service.engine.types import FinishReason, GenerationResult, Logprob, TokenDelta, TokenLogprobs
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,11 @@ class OutputProcessor:
 
 def _decoded(seq: Sequence, logprobs: RawLogprobs) -> TokenLogprobs:
     """Token texts for one position's numbers (each token decoded on its own, as vLLM does)."""
-    decode = seq.handle.tokenizer.decode
-    chosen, *top = (Logprob(token_id, decode([token_id]), value) for token_id, value in logprobs)
+    tokenizer = seq.handle.tokenizer
+
+    def entry(token_id: int, value: float) -> Logprob:
+        text = tokenizer.decode([token_id])
+        return Logprob(token_id, text, value, token_bytes(tokenizer, token_id, text))
+
+    chosen, *top = (entry(token_id, value) for token_id, value in logprobs)
     return TokenLogprobs(chosen, tuple(top))

@@ -45,6 +45,7 @@ class Logprob:
     token_id: int
     token: str  # the token decoded on its own (a partial UTF-8 character decodes as U+FFFD)
     logprob: float
+    bytes: tuple[int, ...]  # the token's own bytes (a byte-level token's, even a partial character's)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ def _now() -> datetime:
 class Deployment:
     model_id: str
     revision: str | None
-    trigger: str  # "startup", "restore" or "api"
+    trigger: str  # "startup", "restore", "api" or "fleet" (cluster mode)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     phase: Phase = Phase.PENDING
     created_at: datetime = field(default_factory=_now)

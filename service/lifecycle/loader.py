@@ -38,12 +38,6 @@ def count_parameters(model_dir: Path) -> int:
     return total
 
 
-def set_threads(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
 def resolve_device(device: str) -> str:
     import torch
 

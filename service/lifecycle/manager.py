@@ -89,6 +89,10 @@ class ModelManager:
         self._store = StateStore(settings.state_dir)
         self._active: ModelHandle | None = None
         self._current: Deployment | None = None
+        # The deployment that made the active model serve (a later failed one does not replace it).
+        self._serving: Deployment | None = None
+        # The event stream and span of each phase first; then the fleet reconciler, in cluster mode.
+        self._listeners: list[Callable[[Deployment], None]] = [self._publish]
         self._history: deque[Deployment] = deque(maxlen=HISTORY_LENGTH)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -115,11 +119,18 @@ class ModelManager:
             "history": [d.as_dict() for d in reversed(self._history)],
         }
 
+    def add_phase_listener(self, listener: Callable[[Deployment], None]) -> None:
+        """Call ``listener(deployment)`` on the event loop after each phase change (terminal ones too)."""
+        self._listeners.append(listener)
+
     # --- commands ---
-    async def start(self) -> None:
-        """Begin serving: the model recorded by the last successful deployment, else the configured one."""
-        if self._settings.torch_threads:
-            loader.set_threads(self._settings.torch_threads)
+    async def start(self, *, deploy: bool = True) -> None:
+        """Begin serving: the model recorded by the last successful deployment, else the configured one.
+
+        ``deploy=False`` (cluster mode) deploys nothing: the fleet reconciler calls :meth:`deploy_desired`.
+        """
+        if not deploy:
+            return
         record = self._store.load()
         if record is None:
             self._deploy_configured()
@@ -141,12 +152,7 @@ class ModelManager:
         Raises :class:`SourceError` (a 4xx) for models this server must not or cannot serve, and
         :class:`DeploymentConflictError` while another deployment runs.
         """
-        s = self._settings
-        sources.check_allowed(model_id, s.allowed_models)
-        source = sources.classify(model_id, revision, s.model_root)
-        if source.kind is SourceKind.LOCAL:
-            path = sources.check_local_path(model_id, s.model_root)
-            source = ModelSource(str(path), SourceKind.LOCAL)
+        source = await self.validate(model_id, revision)
         if self.deploying:
             assert self._current is not None
             raise DeploymentConflictError(self._current)
@@ -156,16 +162,49 @@ class ModelManager:
             and active.info.model_id == source.model_id
             and active.info.revision == revision
         ):
-            assert self._current is not None
-            return self._current, False
-        if source.kind is SourceKind.HUB:
-            await asyncio.to_thread(sources.check_hub_exists, source)
-            if self.deploying:  # another request won the race while we checked the hub
-                assert self._current is not None
-                raise DeploymentConflictError(self._current)
+            assert self._serving is not None
+            return self._serving, False
         deployment = Deployment(source.model_id, revision, trigger="api")
         self._begin(deployment, source, fallback=False)
         return deployment, True
+
+    async def validate(self, model_id: str, revision: str | None) -> ModelSource:
+        """Where an API-requested model comes from; :class:`SourceError` (a 4xx) when the allowlist,
+        the model root or the hub (or the offline cache) refuses it."""
+        source = self.check_source(model_id, revision)
+        if source.kind is SourceKind.HUB:
+            await asyncio.to_thread(sources.check_hub_exists, source)
+        return source
+
+    def check_source(self, model_id: str, revision: str | None) -> ModelSource:
+        """Like :meth:`validate` without the hub look-up (which the download itself makes)."""
+        s = self._settings
+        sources.check_allowed(model_id, s.allowed_models)
+        source = sources.classify(model_id, revision, s.model_root)
+        if source.kind is SourceKind.LOCAL:
+            path = sources.check_local_path(model_id, s.model_root)
+            source = ModelSource(str(path), SourceKind.LOCAL)
+        return source
+
+    def deploy_desired(self, model_id: str, revision: str | None) -> Deployment:
+        """Start deploying the fleet's desired model (cluster mode); the caller ensures none is running.
+
+        The configured ``--model`` deploys as at start-up; any other id passes this replica's own
+        allowlist and model root, and a refusal ends the deployment failed with the reason.
+        """
+        deployment = Deployment(model_id, revision, trigger="fleet")
+        configured = (model_id, revision) == (self._settings.model, self._settings.revision)
+        try:
+            source = (
+                sources.classify(model_id, revision) if configured else self.check_source(model_id, revision)
+            )
+        except SourceError as exc:
+            self._current = deployment
+            self._history.append(deployment)
+            self._fail(deployment, str(exc))
+            return deployment
+        self._begin(deployment, source, fallback=False)
+        return deployment
 
     async def stop(self) -> None:
         """Interrupt a running deployment (its thread finishes in the background and is discarded)."""
@@ -266,7 +305,7 @@ class ModelManager:
     def _swap(self, deployment: Deployment, handle: ModelHandle) -> None:
         started = time.perf_counter()
         replaced = self._active is not None
-        self._active = handle
+        self._active, self._serving = handle, deployment
         self._enter(deployment, Phase.READY)
         info = handle.info
         m = self._metrics
@@ -275,7 +314,8 @@ class ModelManager:
         m.model_ready.set(1)
         m.deployments.labels("succeeded").inc()
         m.model_load_duration.observe(deployment.phase_seconds["total"])
-        self._store.save(ServedModelRecord(info.model_id, info.revision))
+        if deployment.trigger != "fleet":  # in cluster mode the Kubernetes API holds the desired model
+            self._store.save(ServedModelRecord(info.model_id, info.revision))
         if replaced:
             # Frees the old model now unless in-flight requests still hold it (then with the last one).
             gc.collect()
@@ -294,11 +334,12 @@ class ModelManager:
             self._metrics.deployment_phase_duration.labels(left).observe(deployment.phase_seconds[left])
         for name in DEPLOYMENT_PHASES:
             self._metrics.deployment_phase.labels(name).set(1 if name == phase.value else 0)
-        self._publish(deployment)
         extra = {"deployment_id": deployment.id, "model_id": deployment.model_id, "phase": phase.value}
         if error:
             extra["error"] = error
         log.log(logging.WARNING if phase is Phase.FAILED else logging.INFO, "deployment phase", extra=extra)
+        for listener in self._listeners:
+            listener(deployment)
 
     def _publish(self, deployment: Deployment) -> None:
         """The phase change as an event and a span; a terminal phase also as the outcome."""
