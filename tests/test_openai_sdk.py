@@ -149,6 +149,16 @@ _TOOL = [{"type": "function", "function": {"name": "f", "parameters": {"type": "
             {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}},
             "response_format",
         ),
+        ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools[0].type 'custom'"),
+        (
+            {"tools": _TOOL, "tool_choice": {"type": "function", "function": {"name": "g"}}},
+            "tool_choice (no tool named 'g')",
+        ),
+        (
+            {"tools": _TOOL, "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "response_format together with tools",
+        ),
+        ({"functions": [{"name": "f"}]}, "functions"),
         ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "audio"),
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"prediction": {"type": "content", "content": "Paris"}}, "prediction"),

@@ -216,6 +216,17 @@ def test_a_tool_call_in_the_text_is_parsed_whole_or_streamed() -> None:
             assert "".join(p[0] for p in pieces) == broken and not parser.calls
 
 
+def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
+    text = "".join(
+        f'<tool_call>{{"name": "get_time", "arguments": {{"zone": "{zone}"}}}}</tool_call>'
+        for zone in ("UTC", "CET")
+    )
+    for max_calls, zones in ((None, ["UTC", "CET"]), (1, ["UTC"])):
+        parser = ToolCallParser(None, max_calls)
+        content, calls = parser.feed(text)
+        assert content == "" and [json.loads(c.arguments)["zone"] for c in calls] == zones
+
+
 def test_tool_result_round_trip(tools_server: ServerProcess) -> None:
     client = client_of(tools_server)
     first = client.chat.completions.create(
