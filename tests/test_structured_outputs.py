@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from service.api.tool_calls import ToolCallParser
+from service.settings import BUNDLED_MODEL_ALIAS
 from tests.server_process import ServerProcess, running_server
 from tests.test_engine_grammar import SCHEMA
 
@@ -264,3 +265,19 @@ def test_streamed_tool_call_reassembles_into_the_non_streamed_one(tools_server: 
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
         "tool_calls"
     ]
+
+
+@pytest.mark.slow
+def test_bundled_model_answers_json_that_validates(tmp_path: Path) -> None:
+    with running_server(tmp_path, model=BUNDLED_MODEL_ALIAS, ready_timeout_s=600) as server:
+        chat = client_of(server).chat.completions
+        for seed in range(3):
+            choice = chat.create(
+                messages=ASK,
+                temperature=1,
+                seed=seed,
+                max_tokens=300,
+                response_format=json_schema_format(SCHEMA),
+            ).choices[0]
+            assert choice.finish_reason == "stop", choice.message.content
+            jsonschema.validate(json.loads(choice.message.content), SCHEMA)
