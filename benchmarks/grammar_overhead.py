@@ -7,6 +7,8 @@ vocab]`` logits, samples (temperature 1) and advances each matcher; a matcher th
 over. The same apply and sampling code serve every library (the engine's own), so the columns differ
 only by the library's mask and advance. Printed as microseconds per step and as a ratio to the
 unconstrained step (sampling alone), and as the added microseconds per row (mask + apply + advance).
+Then the server's own engine on the bundled model, in process: tokens/s at 1 and 8 concurrent
+requests (temperature 1, seeded), free and constrained to the schema (llguidance, as served).
 The machine is shared: each figure is the best of ``--repeat``.
 
     python -m benchmarks.grammar_overhead [--steps 200] [--repeat 3]
@@ -15,6 +17,7 @@ The machine is shared: each figure is the best of ``--repeat``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -23,6 +26,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.common import NEW_TOKENS, bundled_model_dir, num_threads
+from benchmarks.inprocess import load
 from service.engine.grammar import apply_token_bitmask, bitmask_words
 
 #: A schema of the kind clients send: nested objects and arrays, enums, required fields.
@@ -171,8 +176,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from transformers import AutoConfig, AutoTokenizer
 
-    from benchmarks.common import bundled_model_dir
-
     torch.set_num_threads(1)  # the engine samples on its one scheduler thread
     model_dir = bundled_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -207,6 +210,53 @@ def main(argv: list[str] | None = None) -> None:
             for b in (1, 8)
         )
         print(f"{name:<14} {compile_s * 1e3:>10.1f}{cells}", flush=True)
+    engine_rows(model_dir, args.repeat)
+
+
+async def engine_tok_s(handle: Any, prompt: list[int], concurrency: int, grammar: Any) -> float:
+    """Decode tokens/s of ``concurrency`` requests run together by the engine (with ``grammar``, if
+    any): tokens after each first one, over the span from the first first-token to the last token
+    (constrained answers end early, so prefill is left out of the rate)."""
+    from service.engine import Engine, SamplingParams
+
+    engine = Engine(max_running=16, max_queued=64)
+    await engine.start()
+    try:
+        params = [
+            SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, seed=seed, grammar=grammar)
+            for seed in range(concurrency)
+        ]
+        results = await asyncio.gather(*(engine.submit(handle, prompt, p).collect() for p in params))
+    finally:
+        await engine.stop()
+    timings = [r.timings for r in results if r.timings is not None and r.timings.ttft_s is not None]
+    first = min(t.submitted_at + t.ttft_s for t in timings)
+    last = max(t.submitted_at + t.ttft_s + t.decode_s for t in timings)
+    return sum(t.completion_tokens - 1 for t in timings) / (last - first)
+
+
+def engine_rows(model_dir: Any, repeat: int) -> None:
+    """Print the engine's tokens/s free and constrained, at concurrency 1 and 8."""
+    from datetime import UTC, datetime
+
+    from service.engine.grammar import GrammarCompiler, json_schema_grammar
+    from service.handle import ModelHandle, ModelInfo
+
+    model, tokenizer, prompt = load(model_dir, num_threads())
+    info = ModelInfo("smollm2", None, "bundled", "bfloat16", "cpu", model.num_parameters(), datetime.now(UTC))
+    handle = ModelHandle(info, model, tokenizer, frozenset({tokenizer.eos_token_id}))
+    grammar = GrammarCompiler().compile(handle, json_schema_grammar(SCHEMA))
+    asyncio.run(engine_tok_s(handle, prompt, 1, None))  # warm-up
+    for c in (1, 8):
+        free, constrained = (
+            max(asyncio.run(engine_tok_s(handle, prompt, c, g)) for _ in range(repeat))
+            for g in (None, grammar)
+        )
+        print(
+            f"engine c={c}: decode {free:.1f} tok/s free, {constrained:.1f} tok/s constrained"
+            f" ({constrained / free:.2f}x)",
+            flush=True,
+        )
 
 
 def _timed(work: Callable[[], Any]) -> float:
