@@ -12,9 +12,27 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
 from service import tracing
-from service.api import completion, console, events, health, keys, load, models, openai_compat, openapi
+from service.api import (
+    completion,
+    console,
+    events,
+    health,
+    keys,
+    load,
+    models,
+    openai_compat,
+    openapi,
+    tokenize,
+)
 from service.api.errors import json_errors
-from service.api.middleware import ShutdownGate, body_limit, enable_cors, observe, shutdown_gate
+from service.api.middleware import (
+    ShutdownGate,
+    body_limit,
+    enable_cors,
+    observe,
+    request_ids,
+    shutdown_gate,
+)
 from service.engine import Engine
 from service.lifecycle.fleet import FleetReconciler
 from service.lifecycle.manager import ModelManager
@@ -88,6 +106,8 @@ def create_app(
     }
     app = tracing.instrumented_application(provider, **options) if provider else web.Application(**options)
     tracer = tracing.tracer_of(provider)
+    # Inside json_errors, so a bad id is a JSON 400.
+    app.middlewares.insert(app.middlewares.index(json_errors) + 1, request_ids(app))
     if settings.cors_origins:
         enable_cors(app, settings.cors_origins)
     app.middlewares.append(shutdown_gate(gate))
@@ -113,7 +133,7 @@ def create_app(
         app.cleanup_ctx.append(_tracer_provider_ctx(provider))
     # Event streams never end by themselves: end them before the server waits for handlers.
     app.on_shutdown.append(_close_event_streams)
-    for module in (health, models, completion, openai_compat, openapi, load, events):
+    for module in (health, models, completion, openai_compat, tokenize, openapi, load, events):
         app.add_routes(module.routes)
     if settings.console:
         console.setup(app)

@@ -65,6 +65,28 @@ class ModelHandle:
             ids = ids["input_ids"]
         return list(ids)
 
+    def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a raw ``text`` prompt (no chat template; with the tokenizer's BOS etc. when
+        ``add_special_tokens``). Safe from any thread."""
+        return list(self._thread_tokenizer()(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of ``token_ids``, special tokens included. Safe from any thread; raises ValueError
+        for an id outside the vocabulary."""
+        if bad := [t for t in token_ids if not 0 <= t < self.vocab_size]:
+            raise ValueError(f"token ids outside the vocabulary (0..{self.vocab_size - 1}): {bad[:5]}")
+        return self._thread_tokenizer().decode(token_ids)
+
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        """Each of ``token_ids`` decoded on its own (how logprobs name tokens). Safe from any thread."""
+        tokenizer = self._thread_tokenizer()
+        return [tokenizer.decode([t]) for t in token_ids]
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the model's output layer: every token id below it can be scored."""
+        return int(self.model.config.vocab_size)
+
     def _thread_tokenizer(self) -> Any:
         # Fast tokenizers shared between threads fail with "Already borrowed", so each thread gets
         # its own copy, made on first use (SmolLM2's: 0.12-0.3 s, ~8.8 MiB) and freed with the

@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens used when a request gives none.")
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
+    max_n: int = Field(
+        8,
+        ge=1,
+        description="Most choices (n) one request may ask for; each takes a batch slot (capped by "
+        "max_running_requests).",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Origins allowed by CORS (comma separated); empty disables CORS."
     )

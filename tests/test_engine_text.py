@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from service.engine.text import IncrementalDetokenizer, StopStringMatcher
+from service.engine.text import IncrementalDetokenizer, StopStringMatcher, token_bytes
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +60,11 @@ def test_no_stop_strings_passes_text_through() -> None:
     matcher = StopStringMatcher(())
     assert matcher.push("abc") == ("abc", False)
     assert matcher.flush() == ""
+
+
+def test_token_bytes_are_each_tokens_own_even_inside_a_character(tokenizer) -> None:
+    text = "héllo wörld €"
+    ids = tokenizer(text)["input_ids"]
+    pieces = [token_bytes(tokenizer, i, tokenizer.decode([i])) for i in ids]
+    assert b"".join(bytes(p) for p in pieces) == text.encode()
+    assert any(tokenizer.decode([i]) == "\ufffd" for i in ids), "some token holds part of a character"

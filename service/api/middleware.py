@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -120,6 +122,39 @@ def observe(metrics: ServingMetrics) -> Callable[[web.Request, Handler], Awaitab
                         "request_id": request.get("request_id"),
                     },
                 )
+
+    return middleware
+
+
+REQUEST_ID_HEADER = "X-Request-Id"
+#: What a client's request id may be: what proxies and tracing systems send, nothing that could
+#: forge a log line or a header.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+def request_ids(app: web.Application) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """Give every request an id (the client's ``X-Request-Id`` when valid, else a new one; 400 for an
+    invalid one) in ``request["request_id"]``, and echo it on every response, errors and streams too."""
+
+    async def echo(request: web.Request, response: web.StreamResponse) -> None:
+        if request_id := request.get("request_id"):
+            response.headers[REQUEST_ID_HEADER] = request_id
+
+    app.on_response_prepare.append(echo)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request["request_id"] = uuid.uuid4().hex
+        given = request.headers.get(REQUEST_ID_HEADER)
+        if given is not None:
+            if not _REQUEST_ID.fullmatch(given):
+                raise ApiError(
+                    400,
+                    f"{REQUEST_ID_HEADER} must be 1-128 characters of letters, digits and ._:/+=-",
+                    type="invalid_request",
+                )
+            request["request_id"] = given
+        return await handler(request)
 
     return middleware
 

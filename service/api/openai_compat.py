@@ -1,42 +1,63 @@
-"""OpenAI-compatible ``/v1/chat/completions`` and ``/v1/models``, so the official SDKs work unchanged."""
+"""OpenAI-compatible ``/v1/chat/completions``, ``/v1/completions`` (legacy) and ``/v1/models``, so
+the official SDKs work unchanged."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from service.api import keys, paths
 from service.api.errors import ApiError, parse_body
-from service.api.generation import Admitted, admit, collect, sse_stream, timings_of, usage_of
+from service.api.generation import (
+    Admitted,
+    admit_chat,
+    chat_logprobs,
+    check_n,
+    check_prompt,
+    collect,
+    in_tokenizer_pool,
+    merged,
+    sampling_params,
+    serving_handle,
+    sse_stream,
+    submit,
+    timings_of,
+    usage_of,
+)
 from service.api.protocol import (
     AssistantMessage,
+    ChatChunkChoice,
+    ChatDelta,
+    ErrorDetail,
+    LegacyChoice,
+    LegacyCompletionRequest,
+    LegacyCompletionResponse,
+    LegacyLogprobs,
+    OpenAIChatChunk,
     OpenAIChatRequest,
     OpenAIChatResponse,
     OpenAIChoice,
     OpenAIModel,
     OpenAIModelList,
+    OpenAIRequest,
+    StreamError,
 )
-from service.engine.types import FinishReason
+from service.engine.types import FinishReason, GenerationResult, TokenLogprobs
+from service.handle import ModelHandle
 
 routes = web.RouteTableDef()
 
 
-def _finish_reason(reason: FinishReason) -> str:
+def _finish_reason(reason: FinishReason) -> Any:
     # OpenAI knows only stop/length here; a timeout is a cut-off like max_tokens.
     return "length" if reason in (FinishReason.LENGTH, FinishReason.TIMEOUT) else "stop"
 
 
-@routes.post(paths.OPENAI_CHAT_COMPLETIONS)
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    body = await parse_body(request, OpenAIChatRequest)
-    active = request.app[keys.MANAGER].active
-    if body.model and active is not None and body.model != active.info.model_id:
-        raise ApiError(
-            404, f"model {body.model!r} is not served here; GET /v1/models lists it", type="model_not_found"
-        )
+def _refuse_unhonoured(body: OpenAIRequest) -> None:
     if refused := body.unhonoured_options():
         raise ApiError(
             400,
@@ -46,67 +67,198 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 {"loc": [name], "msg": "not supported", "type": "unsupported_option"} for name in refused
             ],
         )
-    admitted = await admit(request, body.messages, body, body.max_completion_tokens or body.max_tokens)
-    chat_id = f"chatcmpl-{admitted.stream.request_id}"
+
+
+def _stream_end(request: web.Request, results: list[GenerationResult], n: int, usage_event: Any) -> list[Any]:
+    """The events after the choices' last deltas: an error event if a choice failed, else the usage
+    event when asked; ``timings`` on the last one; then ``[DONE]``."""
+    if failed := [r for r in results if r.finish_reason is FinishReason.ERROR]:
+        last: list[Any] = [
+            StreamError(error=ErrorDetail(type="generation_error", message=failed[0].error or ""))
+        ]
+    else:
+        last = [usage_event.model_copy(update={"usage": usage_of(results, n)})] if usage_event else []
+    if last and (timings := timings_of(request, results[0])):
+        last[-1] = {**last[-1].model_dump(), "timings": timings}
+    return [*last, "[DONE]"]
+
+
+# ----------------------------------------------------------------------------- chat completions
+
+
+@routes.post(paths.OPENAI_CHAT_COMPLETIONS)
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    body = await parse_body(request, OpenAIChatRequest)
+    handle = serving_handle(request, body.model)
+    _refuse_unhonoured(body)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    admitted = await admit_chat(request, handle, body.messages, body, max_tokens, body.logprobs_k, body.n)
+    chat_id = f"chatcmpl-{admitted.request_id}"
     created = int(time.time())
     if body.stream:
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
-        return await sse_stream(
-            request, admitted, _chunks(request, admitted, chat_id, created, include_usage)
-        )
-    result = await collect(admitted)
+        return await sse_stream(request, admitted, _chat_chunks(request, admitted, body, chat_id, created))
+    results = await collect(admitted)
     response = OpenAIChatResponse(
         id=chat_id,
         created=created,
         model=admitted.model_id,
         choices=[
             OpenAIChoice(
-                index=0,
+                index=i,
                 message=AssistantMessage(content=result.text),
+                logprobs=None if result.logprobs is None else chat_logprobs(result.logprobs),
                 finish_reason=_finish_reason(result.finish_reason),
             )
+            for i, result in enumerate(results)
         ],
-        usage=usage_of(result),
+        usage=usage_of(results, body.n),
     ).model_dump()
-    if timings := timings_of(request, result):
+    if timings := timings_of(request, results[0]):
         response["timings"] = timings
     return web.json_response(response)
 
 
-async def _chunks(
-    request: web.Request, admitted: Admitted, chat_id: str, created: int, include_usage: bool
+async def _chat_chunks(
+    request: web.Request, admitted: Admitted, body: OpenAIChatRequest, chat_id: str, created: int
 ) -> AsyncIterator[Any]:
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        return {
-            "id": chat_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": admitted.model_id,
-            "choices": choices,
-            **extra,
-        }
+    def chunk(choices: list[ChatChunkChoice]) -> OpenAIChatChunk:
+        return OpenAIChatChunk(id=chat_id, created=created, model=admitted.model_id, choices=choices)
 
-    def choice(delta: dict[str, str], finish_reason: str | None = None) -> list[dict[str, Any]]:
-        return [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
-
-    yield chunk(choice({"role": "assistant", "content": ""}))
-    stream = admitted.stream
-    async for delta in stream:
-        if delta.text:
-            yield chunk(choice({"content": delta.text}))
-    result = stream.result
-    assert result is not None
-    if result.finish_reason is FinishReason.ERROR:
-        last = [{"error": {"type": "generation_error", "message": result.error}}]
-    else:
-        last = [chunk(choice({}, _finish_reason(result.finish_reason)))]
-    if include_usage:
-        last.append(chunk([], usage=usage_of(result).model_dump()))
-    if timings := timings_of(request, result):
-        last[-1]["timings"] = timings
-    for event in last:
+    for i in range(len(admitted.streams)):
+        yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+    results: list[GenerationResult] = [None] * len(admitted.streams)  # type: ignore[list-item]
+    async for i, item in merged(admitted):
+        if isinstance(item, GenerationResult):
+            results[i] = item
+            if item.finish_reason is not FinishReason.ERROR:
+                finish = _finish_reason(item.finish_reason)
+                yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(), finish_reason=finish)])
+        elif item.text or item.logprobs:
+            logprobs = chat_logprobs(item.logprobs) if body.logprobs else None
+            yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(content=item.text), logprobs=logprobs)])
+    for event in _stream_end(request, results, body.n, chunk([]) if body.include_usage else None):
         yield event
-    yield "[DONE]"
+
+
+# ----------------------------------------------------------------------------- legacy completions
+
+
+@dataclass
+class _Prompt:
+    ids: list[int]
+    echo: str  # the text echoed in front of each choice ("" without echo)
+    first_token: str  # the first token's text: the echoed logprobs name it, without a logprob
+
+
+@routes.post(paths.OPENAI_COMPLETIONS)
+async def completions(request: web.Request) -> web.StreamResponse:
+    body = await parse_body(request, LegacyCompletionRequest)
+    handle = serving_handle(request, body.model)
+    _refuse_unhonoured(body)
+    check_n(request, body.n, len(body.prompts()))
+    k = body.logprobs
+    scores_prompt = body.echo and k is not None
+    params = sampling_params(request, handle, body, body.max_tokens, k, k if scores_prompt else None)
+    prompts = [await in_tokenizer_pool(request, _prompt, handle, p, body.echo) for p in body.prompts()]
+    for prompt in prompts:
+        check_prompt(request, handle, prompt.ids)
+    admitted = submit(request, handle, [p.ids for p in prompts], params, body.n)
+    completion_id = f"cmpl-{admitted.request_id}"
+    created = int(time.time())
+    choice_prompts = [p for p in prompts for _ in range(body.n)]
+    if body.stream:
+        events = _legacy_chunks(request, admitted, body, choice_prompts, completion_id, created)
+        return await sse_stream(request, admitted, events)
+    results = await collect(admitted)
+    choices = [
+        LegacyChoice(
+            text=prompt.echo + result.text,
+            index=i,
+            logprobs=None if k is None else _legacy_logprobs(prompt, result.prompt_logprobs, result.logprobs),
+            finish_reason=_finish_reason(result.finish_reason),
+        )
+        for i, (prompt, result) in enumerate(zip(choice_prompts, results, strict=True))
+    ]
+    response = LegacyCompletionResponse(
+        id=completion_id,
+        created=created,
+        model=admitted.model_id,
+        choices=choices,
+        usage=usage_of(results, body.n),
+    ).model_dump()
+    if timings := timings_of(request, results[0]):
+        response["timings"] = timings
+    return web.json_response(response)
+
+
+def _prompt(handle: ModelHandle, prompt: str | list[int], echo: bool) -> _Prompt:
+    """Tokenize (or, for token ids, decode) one prompt; in the tokenizer pool. 422 for ids outside
+    the vocabulary."""
+    try:
+        ids = handle.encode_text(prompt) if isinstance(prompt, str) else prompt
+        if not echo or not ids:
+            return _Prompt(ids, "", "")
+        text = prompt if isinstance(prompt, str) else handle.decode(prompt)
+        return _Prompt(ids, text, handle.token_strings(ids[:1])[0])
+    except ValueError as exc:
+        raise ApiError(422, str(exc), type="invalid_request") from exc
+
+
+def _legacy_logprobs(
+    prompt: _Prompt,
+    prompt_logprobs: Sequence[TokenLogprobs | None] | None,
+    logprobs: Sequence[TokenLogprobs] | None,
+    offset: int = 0,
+) -> LegacyLogprobs:
+    """OpenAI's legacy logprobs of the (echoed) prompt's tokens and the generated ones, the first at
+    character ``offset`` of the choice's text. Token offsets add up token texts, as vLLM's do."""
+    out = LegacyLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    for entry in [*(prompt_logprobs or ()), *(logprobs or ())]:
+        token = (
+            prompt.first_token if entry is None and prompt else "" if entry is None else entry.chosen.token
+        )
+        out.tokens.append(token)
+        out.token_logprobs.append(None if entry is None else entry.chosen.logprob)
+        out.top_logprobs.append(None if entry is None else {p.token: p.logprob for p in entry.top})
+        out.text_offset.append(offset)
+        offset += len(token)
+    return out
+
+
+async def _legacy_chunks(
+    request: web.Request,
+    admitted: Admitted,
+    body: LegacyCompletionRequest,
+    prompts: list[_Prompt],
+    completion_id: str,
+    created: int,
+) -> AsyncIterator[Any]:
+    def chunk(choices: list[LegacyChoice]) -> LegacyCompletionResponse:
+        return LegacyCompletionResponse(
+            id=completion_id, created=created, model=admitted.model_id, choices=choices
+        )
+
+    offsets = [0] * len(admitted.streams)  # characters of each choice's text sent so far
+    results: list[GenerationResult] = [None] * len(admitted.streams)  # type: ignore[list-item]
+    async for i, item in merged(admitted):
+        if isinstance(item, GenerationResult):
+            results[i] = item
+            if item.finish_reason is not FinishReason.ERROR:
+                yield chunk(
+                    [LegacyChoice(text="", index=i, finish_reason=_finish_reason(item.finish_reason))]
+                )
+            continue
+        text, logprobs = item.text, None
+        if offsets[i] == 0 and prompts[i].echo:  # the first delta: the prompt comes first
+            text = prompts[i].echo + text
+        if body.logprobs is not None:
+            echoed = item.prompt_logprobs if prompts[i].echo else None
+            logprobs = _legacy_logprobs(prompts[i], echoed, item.logprobs, offsets[i])
+        if text or logprobs:
+            offsets[i] += len(text)
+            yield chunk([LegacyChoice(text=text, index=i, logprobs=logprobs, finish_reason=None)])
+    for event in _stream_end(request, results, body.n, chunk([]) if body.include_usage else None):
+        yield event
 
 
 @routes.get(paths.OPENAI_MODELS)

@@ -31,8 +31,9 @@ class Endpoint:
     ok_status: int = 200
     request: type[BaseModel] | None = None
     errors: tuple[int, ...] = ()
-    stream_event: type[BaseModel] | None = None  # JSON payload of each SSE event, when streaming
-    streams: bool = False  # also answers text/event-stream when the body asks for it
+    # JSON payloads of the SSE events (also answers text/event-stream when the body asks for it)
+    stream_events: tuple[type[BaseModel], ...] = ()
+    stream_done: bool = False  # the stream ends with the literal event data [DONE]
     events: str = ""  # answers only text/event-stream, with events as described here
     extra_ok: dict[int, type[BaseModel]] = field(default_factory=dict)
     admin: bool = False
@@ -40,6 +41,23 @@ class Endpoint:
 
 _BODY_ERRORS = (400, 413, 415, 422)
 _GENERATION_ERRORS = (*_BODY_ERRORS, 429, 500, 503)
+
+
+def _openai(
+    path: str, summary: str, ok: type[BaseModel], request: type[BaseModel], chunk: type[BaseModel]
+) -> Endpoint:
+    """An OpenAI generation endpoint: its stream is ``chunk`` events, an error event, then ``[DONE]``."""
+    return Endpoint(
+        "post",
+        path,
+        summary,
+        ok,
+        request=request,
+        errors=(*_GENERATION_ERRORS, 404),
+        stream_events=(chunk, protocol.StreamError),
+        stream_done=True,
+    )
+
 
 ENDPOINTS = (
     Endpoint(
@@ -49,17 +67,38 @@ ENDPOINTS = (
         protocol.CompletionResponse,
         request=protocol.CompletionRequest,
         errors=_GENERATION_ERRORS,
-        streams=True,
-        stream_event=protocol.CompletionChunk,
+        stream_events=(protocol.CompletionChunk,),
     ),
-    Endpoint(
-        "post",
+    _openai(
         paths.OPENAI_CHAT_COMPLETIONS,
         "OpenAI-compatible chat completion",
         protocol.OpenAIChatResponse,
-        request=protocol.OpenAIChatRequest,
-        errors=(*_GENERATION_ERRORS, 404),
-        streams=True,
+        protocol.OpenAIChatRequest,
+        protocol.OpenAIChatChunk,
+    ),
+    _openai(
+        paths.OPENAI_COMPLETIONS,
+        "OpenAI-compatible (legacy) text completion",
+        protocol.LegacyCompletionResponse,
+        protocol.LegacyCompletionRequest,
+        protocol.LegacyCompletionResponse,
+    ),
+    *(
+        Endpoint("post", path, summary, ok, request=request, errors=(*_BODY_ERRORS, 404, 503))
+        for path, summary, ok, request in (
+            (
+                paths.TOKENIZE,
+                "Token ids of a prompt or of chat messages (vLLM's shape)",
+                protocol.TokenizeResponse,
+                protocol.TokenizeRequest,
+            ),
+            (
+                paths.DETOKENIZE,
+                "Text of token ids (vLLM's shape)",
+                protocol.DetokenizeResponse,
+                protocol.DetokenizeRequest,
+            ),
+        )
     ),
     Endpoint("get", paths.OPENAI_MODELS, "OpenAI-compatible model list", protocol.OpenAIModelList),
     Endpoint("get", paths.MODEL, "The serving model", protocol.ModelInfoResponse, errors=(503,)),
@@ -104,16 +143,22 @@ ENDPOINTS = (
 )
 
 
-def _sse_event(payload: type[BaseModel] | None, description: str) -> dict[str, Any]:
-    """Schema of one event (OpenAPI 3.1 style): its ``data`` is JSON of ``payload`` when given."""
+def _sse_event(
+    payloads: tuple[type[BaseModel], ...], done: bool = False, description: str = ""
+) -> dict[str, Any]:
+    """Schema of one event (OpenAPI 3.1 style): its ``data`` is JSON of one of ``payloads`` (else
+    what ``description`` says), or the literal ``[DONE]`` when ``done``."""
     data: dict[str, Any] = {"type": "string"}
-    if payload is not None:
+    if payloads:
+        refs = [{"$ref": _REF.format(model=p.__name__)} for p in payloads]
         data |= {
             "contentMediaType": "application/json",
-            "contentSchema": {"$ref": _REF.format(model=payload.__name__)},
+            "contentSchema": refs[0] if len(refs) == 1 else {"anyOf": refs},
         }
     else:
         data["description"] = description
+    if done:
+        data = {"anyOf": [data, {"type": "string", "const": "[DONE]"}]}
     return {"type": "object", "required": ["data"], "properties": {"data": data}}
 
 
@@ -125,17 +170,18 @@ def _json(model: type[BaseModel]) -> dict[str, Any]:
 def document() -> dict[str, Any]:
     models: list[type[BaseModel]] = [protocol.ErrorResponse]
     for e in ENDPOINTS:
-        models += [m for m in (e.ok, e.request, e.stream_event, *e.extra_ok.values()) if m is not None]
+        models += [m for m in (e.ok, e.request, *e.stream_events, *e.extra_ok.values()) if m is not None]
     _, schemas = models_json_schema([(m, "validation") for m in dict.fromkeys(models)], ref_template=_REF)
     spec_paths: dict[str, dict[str, Any]] = {}
     for e in ENDPOINTS:
         ok_content = _json(e.ok) if e.ok else {"text/plain": _TEXT}
-        if e.streams:
-            # OpenAI's stream: chunks, then the literal [DONE]
-            chunks = _sse_event(e.stream_event, "JSON chat.completion.chunk objects, then the literal [DONE]")
-            ok_content = {**ok_content, "text/event-stream": {"schema": chunks}}
+        if e.stream_events:
+            ok_content = {
+                **ok_content,
+                "text/event-stream": {"schema": _sse_event(e.stream_events, e.stream_done)},
+            }
         if e.events:
-            ok_content = {"text/event-stream": {"schema": _sse_event(None, e.events)}}
+            ok_content = {"text/event-stream": {"schema": _sse_event((), description=e.events)}}
         responses: dict[str, Any] = {str(e.ok_status): {"description": "OK", "content": ok_content}}
         for status, model in e.extra_ok.items():
             responses[str(status)] = {"description": "OK", "content": _json(model)}

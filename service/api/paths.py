@@ -12,6 +12,9 @@ READYZ = "/readyz"
 OPENAPI = "/openapi.json"
 OPENAI_CHAT_COMPLETIONS = "/v1/chat/completions"
 OPENAI_MODELS = "/v1/models"
+OPENAI_COMPLETIONS = "/v1/completions"
+TOKENIZE = "/tokenize"
+DETOKENIZE = "/detokenize"
 
 #: Name of the container/Service port that carries all of the above.
 HTTP_PORT_NAME = "http"

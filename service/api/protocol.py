@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 Role = Literal["system", "user", "assistant", "developer"]
 MAX_STOP_SEQUENCES = 4
 MAX_CONTENT_CHARS = 200_000
+MAX_LOGIT_BIAS = 300
+MAX_TOP_LOGPROBS = 20
 
 
 class _Strict(BaseModel):
@@ -80,6 +82,34 @@ class SamplingFields(BaseModel):
         None, ge=-(2**63), le=2**63 - 1, description="Reproducible sampling; a negative seed is a random one."
     )
     stream: bool = Field(False, description="Answer with Server-Sent Events.")
+    presence_penalty: float = Field(
+        0.0, ge=-2, le=2, description="Subtracted once from the score of each token already generated."
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2, le=2, description="Subtracted from a token's score once per time it was generated."
+    )
+    repetition_penalty: float = Field(
+        1.0,
+        ge=0.01,  # a smaller one overflows the scores it divides
+        le=10,
+        description="vLLM's: divides the positive (multiplies the negative) score of every token of the "
+        "prompt and output; 1 is none.",
+    )
+    logit_bias: dict[str, float] | None = Field(
+        None,
+        max_length=MAX_LOGIT_BIAS,
+        description="Token id (as a string) to a bias in [-100, 100] added to its score before sampling.",
+    )
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (v or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"logit_bias keys are token ids, got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values lie in [-100, 100], got {bias}")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -105,7 +135,32 @@ class SamplingFields(BaseModel):
         return None if self.seed is None or self.seed < 0 else self.seed
 
 
-class CompletionRequest(SamplingFields, _Strict):
+class ChatLogprobsFields(BaseModel):
+    """Logprobs as the chat API asks for them."""
+
+    logprobs: bool = Field(
+        False, description="Return each generated token's logprob (raw model distribution, natural log)."
+    )
+    top_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="With logprobs: also the most likely tokens at each position, this many.",
+    )
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatLogprobsFields:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def logprobs_k(self) -> int | None:
+        """How many alternatives per token the engine computes; None for no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(SamplingFields, ChatLogprobsFields, _Strict):
     messages: list[ChatMessage] = Field(min_length=1)
 
 
@@ -123,12 +178,34 @@ class AssistantMessage(BaseModel):
 FinishReasonName = Literal["stop", "length", "cancelled", "timeout", "error"]
 
 
+class TopLogprob(BaseModel):
+    """A token and its logprob (natural log, raw model distribution); ``bytes`` its UTF-8 bytes."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    """A generated token's logprob and the ``top_logprobs`` most likely tokens at its position."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """OpenAI's ``choices[].logprobs`` of the chat API."""
+
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
 class CompletionResponse(BaseModel):
     id: str
     model: str
     message: AssistantMessage
     finish_reason: FinishReasonName
     usage: Usage
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ErrorDetail(BaseModel):
@@ -147,6 +224,7 @@ class CompletionChunk(BaseModel):
     id: str
     model: str
     delta: str
+    logprobs: ChoiceLogprobs | None = None  # the tokens of this event, when asked
     finish_reason: FinishReasonName | None = None
     usage: Usage | None = None
     error: ErrorDetail | None = None  # only on a last event whose generation failed
@@ -288,13 +366,7 @@ class OpenAIChatMessage(ChatMessage):
 #: through ``extra_body``. Any other value is refused with 400 naming the option. Unknown fields
 #: not listed here are accepted and ignored, like vLLM does.
 UNHONOURED_OPTIONS: dict[str, tuple[Any, ...]] = {
-    "n": (1,),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "response_format": (None, {"type": "text"}),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
-    "logit_bias": (None, {}),
     "suffix": (None, ""),
     "audio": (None,),
     "modalities": (None, ["text"]),
@@ -304,10 +376,8 @@ UNHONOURED_OPTIONS: dict[str, tuple[Any, ...]] = {
     "verbosity": (None,),
     "top_k": (None, 0, -1),
     "min_p": (None, 0),
-    "repetition_penalty": (None, 1),
     "min_tokens": (None, 0),
     "ignore_eos": (None, False),
-    "best_of": (None, 1),
     "use_beam_search": (None, False),
     "guided_json": (None,),
     "guided_regex": (None,),
@@ -318,31 +388,18 @@ UNHONOURED_OPTIONS: dict[str, tuple[Any, ...]] = {
     "json_schema": (None,),
     "chat_template_kwargs": (None, {}),
 }
-_UNSERVED = "Not served: refused with 400 unless it asks for nothing."
 
 
-class OpenAIChatRequest(SamplingFields):
-    """``POST /v1/chat/completions``. A null field means "not given", as in OpenAI's API."""
+class OpenAIRequest(SamplingFields):
+    """What OpenAI's chat and legacy completions requests share. A null field means "not given"."""
 
     model_config = ConfigDict(extra="allow")  # unknown options are accepted and ignored, like vLLM
     model: str | None = None
-    messages: list[OpenAIChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1, description="Only 1 is served; more is refused with 400.")
-    stream_options: dict[str, Any] | None = Field(None, description="include_usage is honoured.")
-    logprobs: bool | None = Field(None, description=_UNSERVED)
-    top_logprobs: int | None = Field(None, ge=0, le=20, description=_UNSERVED)
-    response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"} is served.')
-    presence_penalty: float | None = Field(None, ge=-2, le=2, description=_UNSERVED)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2, description=_UNSERVED)
-    logit_bias: dict[str, float] | None = Field(None, description=_UNSERVED)
-    tools: list[dict[str, Any]] | None = Field(None, description='Refused unless tool_choice is "none".')
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
-    functions: list[dict[str, Any]] | None = Field(
-        None, description='Refused unless function_call is "none".'
+    n: int = Field(
+        1, ge=1, description="Choices to generate (up to SERVING_MAX_N); the prompt is prefilled once."
     )
-    function_call: str | dict[str, Any] | None = None
+    best_of: int | None = Field(None, ge=1, description="Only equal to n is served; else refused with 400.")
+    stream_options: dict[str, Any] | None = Field(None, description="include_usage is honoured.")
     # Metadata that does not change the answer: accepted and ignored.
     user: str | None = None
     metadata: dict[str, Any] | None = None
@@ -356,11 +413,37 @@ class OpenAIChatRequest(SamplingFields):
 
     def unhonoured_options(self) -> list[str]:
         """Names of what this request asks for that is not served (the handler refuses it with 400)."""
+        extra = self.model_extra or {}
         refused = [
             name
             for name, neutral in UNHONOURED_OPTIONS.items()
-            if name in self.model_fields_set and getattr(self, name) not in neutral
+            if (name in self.model_fields_set or name in extra) and getattr(self, name) not in neutral
         ]
+        if self.best_of not in (None, self.n):
+            refused.append("best_of")
+        return refused
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class OpenAIChatRequest(OpenAIRequest, ChatLogprobsFields):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[OpenAIChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens (wins over it).")
+    response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"} is served.')
+    tools: list[dict[str, Any]] | None = Field(None, description='Refused unless tool_choice is "none".')
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = Field(
+        None, description='Refused unless function_call is "none".'
+    )
+    function_call: str | dict[str, Any] | None = None
+
+    def unhonoured_options(self) -> list[str]:
+        refused = super().unhonoured_options()
         for option, choice in (("tools", self.tool_choice), ("functions", self.function_call)):
             if getattr(self, option) and choice != "none":
                 refused.append(option)
@@ -371,19 +454,152 @@ class OpenAIChatRequest(SamplingFields):
         return refused
 
 
+MAX_PROMPTS = 64
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=1_000_000)]
+
+
+class LegacyCompletionRequest(OpenAIRequest):
+    """``POST /v1/completions`` (OpenAI's legacy completions): raw prompts, no chat template."""
+
+    prompt: (
+        Annotated[str, Field(max_length=MAX_CONTENT_CHARS)]
+        | Annotated[
+            list[Annotated[str, Field(max_length=MAX_CONTENT_CHARS)]],
+            Field(min_length=1, max_length=MAX_PROMPTS),
+        ]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    ) = Field(description="A string, a list of strings, a list of token ids or a list of such lists.")
+    max_tokens: int | None = Field(
+        16, ge=1, description="Most tokens to generate per choice (OpenAI's default 16)."
+    )
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="Return each token's logprob and this many most likely alternatives per position.",
+    )
+    echo: bool = Field(False, description="Prepend the prompt (and, with logprobs, its tokens' logprobs).")
+    suffix: str | None = Field(None, description="Not served: refused with 400 unless empty.")
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The prompts, each a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [p]  # type: ignore[list-item]
+        return p  # type: ignore[return-value]
+
+
+OpenAIFinishReason = Literal["stop", "length"]
+
+
 class OpenAIChoice(BaseModel):
     index: int
     message: AssistantMessage
-    finish_reason: str
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: OpenAIFinishReason
 
 
-class OpenAIChatResponse(BaseModel):
+class _OpenAIObject(BaseModel):
+    """What every OpenAI generation answer (and stream chunk) starts with."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
+    created: int  # Unix seconds
     model: str
+
+
+class OpenAIChatResponse(_OpenAIObject):
+    object: Literal["chat.completion"] = "chat.completion"
     choices: list[OpenAIChoice]
     usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: OpenAIFinishReason | None = None
+
+
+class OpenAIChatChunk(_OpenAIObject):
+    """One SSE event of a streamed chat completion. Per choice: a first event with the role, events
+    with content (and its logprobs), one with ``finish_reason``; then, with
+    ``stream_options.include_usage``, one with no choices and ``usage``; then ``[DONE]``."""
+
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class LegacyLogprobs(BaseModel):
+    """OpenAI's legacy logprobs: parallel lists over the tokens of the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]  # None for the first prompt token (echo)
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]  # character offset of each token in the choice's text
+
+
+class LegacyChoice(BaseModel):
+    text: str
+    index: int  # prompt index * n + choice index
+    logprobs: LegacyLogprobs | None = None
+    finish_reason: OpenAIFinishReason | None
+
+
+class LegacyCompletionResponse(_OpenAIObject):
+    """``POST /v1/completions``; as a stream, each SSE event is one of these with ``object``
+    ``text_completion``, new text per choice, then (with include_usage) a usage event, then ``[DONE]``."""
+
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[LegacyChoice]
+    usage: Usage | None = None
+
+
+class StreamError(BaseModel):
+    """The last event of a stream whose generation failed (then ``[DONE]``)."""
+
+    error: ErrorDetail
+
+
+class TokenizeRequest(_Strict):
+    """``POST /tokenize`` (vLLM's shape): a ``prompt`` or chat ``messages`` (rendered with the chat
+    template and its generation prompt)."""
+
+    model: str | None = None
+    prompt: str | None = Field(None, max_length=MAX_CONTENT_CHARS)
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = Field(True, description="For a prompt: add the tokenizer's BOS etc.")
+    return_token_strs: bool = Field(False, description="Also return each token decoded on its own.")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int | None
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(max_length=1_000_000)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class OpenAIModel(BaseModel):

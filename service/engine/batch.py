@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from service.engine.logits import RawLogprobs, position_logprobs
 from service.engine.sequence import Sequence
 from service.handle import ModelHandle
 
@@ -46,32 +47,53 @@ class HandleBatch:
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
         """Run the prompts of ``seqs`` and add them as new rows; return their next-token logits.
 
+        Sequences that share one prompt list (the ``n`` choices of a request) are prefilled once: the
+        forward pass runs over the distinct prompts, then their KV rows and logits are copied to every
+        sequence of the prompt. A sequence asking for ``prompt_logprobs`` gets them set here.
+
         The batch is left unchanged if the forward pass raises; :class:`CacheError` if splicing the new
         rows into the shared cache failed (the other rows' cache may be broken too).
         """
-        width = max(len(s.prompt_ids) for s in seqs)
-        ids = torch.zeros((len(seqs), width), dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            ids[row, width - len(seq.prompt_ids) :] = torch.tensor(seq.prompt_ids)
-            mask[row, width - len(seq.prompt_ids) :] = 1
+        prompts: dict[int, int] = {}  # id of a prompt list -> its row in the forward pass
+        rows = [prompts.setdefault(id(s.prompt_ids), len(prompts)) for s in seqs]
+        unique = list({id(s.prompt_ids): s.prompt_ids for s in seqs}.values())
+        width = max(len(p) for p in unique)
+        ids = torch.zeros((len(unique), width), dtype=torch.long)
+        mask = torch.zeros((len(unique), width), dtype=torch.long)
+        for row, prompt in enumerate(unique):
+            ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         cache = DynamicCache(config=self.handle.model.config)
+        scored = any(s.params.prompt_logprobs is not None for s in seqs)
         out = self.handle.model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=_positions(mask),
             **{self._cache_kwarg: cache},
             use_cache=True,
-            logits_to_keep=1,  # the lm head over the whole prompt would cost more than the prompt itself
+            # The lm head over the whole prompt costs more than the prompt itself: only when asked.
+            logits_to_keep=0 if scored else 1,
         )
         _check_layers(cache)
+        if scored:
+            for seq, row in zip(seqs, rows, strict=True):
+                if seq.params.prompt_logprobs is not None:
+                    seq.prompt_logprobs = _prompt_logprobs(
+                        out.logits[row, width - len(seq.prompt_ids) :],
+                        seq.prompt_ids,
+                        seq.params.prompt_logprobs,
+                    )
+        index = torch.tensor(rows, device=self.device)
         try:
-            self._splice(cache, mask)
+            if len(unique) < len(seqs):
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys[index], layer.values[index]
+            self._splice(cache, mask[index])
         except Exception as exc:
             raise CacheError(f"splicing {len(seqs)} new rows into the KV cache failed: {exc}") from exc
         self.seqs.extend(seqs)
-        return out.logits[:, -1, :]
+        return out.logits[index, -1, :]
 
     def decode(self) -> torch.Tensor:
         """Feed every row its last generated token; return next-token logits ``[rows, vocab]``."""
@@ -125,6 +147,13 @@ class HandleBatch:
             old.keys = torch.cat([_left_pad(old.keys, pad_old), _left_pad(new.keys, pad_new)])
             old.values = torch.cat([_left_pad(old.values, pad_old), _left_pad(new.values, pad_new)])
         self._mask = torch.cat([F.pad(self._mask, (pad_old, 0)), F.pad(mask, (pad_new, 0))])
+
+
+def _prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> list[RawLogprobs | None]:
+    """Logprobs of each prompt token given the ones before it, from ``logits`` ``[len(prompt), vocab]``
+    (row ``i`` predicts token ``i + 1``); None for the first token."""
+    logprobs = logits[:-1].float().log_softmax(-1)
+    return [None, *(position_logprobs(logprobs[i], prompt[i + 1], k) for i in range(len(prompt) - 1))]
 
 
 def _check_layers(cache: DynamicCache) -> None:

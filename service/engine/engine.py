@@ -21,6 +21,7 @@ Model work runs only on the scheduler thread; the event loop only enqueues and r
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import threading
@@ -99,28 +100,55 @@ class Engine:
         )
         self._thread.start()
 
-    def submit(self, handle: ModelHandle, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
+    def submit(
+        self,
+        handle: ModelHandle,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+    ) -> GenerationStream:
         """Queue a request; raises :class:`QueueFullError`, :class:`EngineStoppedError` or
         :class:`EngineDeadError` at once."""
+        return self.submit_choices(handle, prompt_ids, params, 1, request_id)[0]
+
+    def submit_choices(
+        self,
+        handle: ModelHandle,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        n: int,
+        request_id: str | None = None,
+    ) -> list[GenerationStream]:
+        """Queue ``n`` independent choices of one prompt, one stream each: admitted together (they
+        take ``n`` batch slots, and count ``n`` against the queue limit), prefilled once, sampled
+        independently (with ``params.seed`` set, choice ``i`` samples with seed ``seed + i``).
+
+        Raises ValueError if ``n`` is outside ``1..max_running``, else as :meth:`submit`."""
         if not prompt_ids:
             raise ValueError("prompt_ids is empty")
-        request_id = f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
-        stream = GenerationStream(request_id, self._on_cancel)
+        if not 1 <= n <= self.max_running:
+            raise ValueError(f"n must be between 1 and {self.max_running}")
+        request_id = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        prompt = list(prompt_ids)  # one list for all choices: the batch prefills it once
         now = time.monotonic()
-        seq = Sequence(
-            request_id=request_id,
-            handle=handle,
-            prompt_ids=list(prompt_ids),
-            params=params,
-            stream=stream,
-            submitted_at=now,
-            deadline=now + self.request_timeout_s,
-            submitted_wall=time.time(),
-        )
-        self._scheduler.add(seq)
+        seqs = [
+            Sequence(
+                request_id=request_id,
+                handle=handle,
+                prompt_ids=prompt,
+                params=params if params.seed is None else dataclasses.replace(params, seed=params.seed + i),
+                stream=GenerationStream(request_id, self._on_cancel),
+                submitted_at=now,
+                deadline=now + self.request_timeout_s,
+                submitted_wall=time.time(),
+            )
+            for i in range(n)
+        ]
+        self._scheduler.add(seqs)
         self._idle.clear()
-        self._output.watch(seq)
-        return stream
+        for seq in seqs:
+            self._output.watch(seq)
+        return [seq.stream for seq in seqs]
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop admitting requests, wait up to ``timeout_s`` for those in flight; True if all finished."""
@@ -184,7 +212,9 @@ class Engine:
                 self._fail("prefill", ready, exc)
                 outside += ready
             else:
-                self._metrics.prefilled(handle.info.model_id, sum(len(s.prompt_ids) for s in ready))
+                # The choices of one request share a prompt list, prefilled once: count it once.
+                prompts = {id(s.prompt_ids): len(s.prompt_ids) for s in ready}
+                self._metrics.prefilled(handle.info.model_id, sum(prompts.values()))
                 self._emit(handle, ready, logits)
         now = time.monotonic()
         for seq in outside:
@@ -215,6 +245,7 @@ class Engine:
         """Sample one token per sequence and hand it to the output processor."""
         try:
             tokens = self._runner.sample(logits, seqs)
+            logprobs = self._runner.logprobs(logits, seqs, tokens)
         except Exception as exc:  # e.g. infinite probabilities from a broken model
             self._fail("sample", seqs, exc)
             return
@@ -222,10 +253,10 @@ class Engine:
             self._fail("sample", nan, FloatingPointError("the model produced NaN logits"))
         eos_ids = self._runner.eos_ids(handle)
         now = time.monotonic()
-        for seq, token in zip(seqs, tokens, strict=True):
+        for seq, token, scored in zip(seqs, tokens, logprobs, strict=True):
             if token is not None:
                 try:
-                    self._output.emit(seq, token, token in eos_ids, now)
+                    self._output.emit(seq, token, token in eos_ids, now, scored)
                 except Exception as exc:  # the tokenizer failed on this request's text
                     self._fail("detokenize", [seq], exc)
         self._metrics.generated(handle.info.model_id, len(seqs) - len(nan))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from service.engine.batch import HandleBatch
+from service.engine.logits import RawLogprobs, apply_logits_processors, position_logprobs
 from service.engine.sampling import sample_next_tokens
 from service.engine.sequence import Sequence
 from service.handle import ModelHandle
@@ -58,7 +59,9 @@ class ModelRunner:
         return list(batch.seqs), batch.decode()
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
-        """One token per row; None where the row's logits hold NaN (that request alone must end)."""
+        """One token per row, after each row's logits processors; None where the row's logits hold NaN
+        (that request alone must end)."""
+        logits = apply_logits_processors(logits, seqs)
         nan_rows = torch.isnan(logits).any(dim=-1)
         if not bool(nan_rows.any()):
             return sample_next_tokens(logits, seqs)
@@ -69,6 +72,21 @@ class ModelRunner:
             for row, token in zip(keep, sampled, strict=True):
                 tokens[row] = token
         return tokens
+
+    def logprobs(
+        self, logits: torch.Tensor, seqs: list[Sequence], tokens: list[int | None]
+    ) -> list[RawLogprobs | None]:
+        """For each row whose request asked for logprobs (and got a token): the chosen token's and the
+        top k from the raw distribution of ``logits`` (the scores before any logits processor)."""
+        rows = [r for r, s in enumerate(seqs) if s.params.logprobs is not None and tokens[r] is not None]
+        out: list[RawLogprobs | None] = [None] * len(seqs)
+        if rows:
+            logprobs = logits[rows].float().log_softmax(-1)
+            for i, row in enumerate(rows):
+                token, k = tokens[row], seqs[row].params.logprobs
+                assert token is not None and k is not None
+                out[row] = position_logprobs(logprobs[i], token, k)
+        return out
 
     def retire(self, handle: ModelHandle) -> list[Sequence]:
         """Cut the finished rows out of ``handle``'s batch and cache; return them. After an exception

@@ -15,10 +15,12 @@ import logging
 import time
 from collections.abc import Callable
 
+from service.engine.logits import RawLogprobs
 from service.engine.sequence import Sequence
 from service.engine.stream import GenerationStream
 from service.engine.telemetry import EngineMetrics
-from service.engine.types import FinishReason, GenerationResult, TokenDelta
+from service.engine.text import token_bytes
+from service.engine.types import FinishReason, GenerationResult, Logprob, TokenDelta, TokenLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +45,9 @@ class OutputProcessor:
 
     # ------------------------------------------------------------------ scheduler thread
 
-    def emit(self, seq: Sequence, token: int, is_eos: bool, now: float) -> None:
-        """Record ``token`` for ``seq`` and queue the text it releases (may raise from the tokenizer)."""
+    def emit(self, seq: Sequence, token: int, is_eos: bool, now: float, logprobs: RawLogprobs | None) -> None:
+        """Record ``token`` (and its ``logprobs``, when asked) for ``seq`` and queue the text it
+        releases (may raise from the tokenizer)."""
         if seq.first_token_at is None:
             self._metrics.first_token(now - seq.submitted_at)
             seq.first_token_at = now
@@ -52,10 +55,19 @@ class OutputProcessor:
             self._metrics.next_token(now - seq.last_token_at)
         seq.last_token_at = now
         text = ""
+        scored: tuple[TokenLogprobs, ...] = ()
+        prompt_scored: tuple[TokenLogprobs | None, ...] = ()
         try:
+            if seq.prompt_logprobs is not None and seq.prompt_scored is None:
+                seq.prompt_scored = [p and _decoded(seq, p) for p in seq.prompt_logprobs]
+                prompt_scored = tuple(seq.prompt_scored)
+            if logprobs is not None:
+                scored = (_decoded(seq, logprobs),)
+                seq.logprobs.append(scored[0])
             text = seq.add_token(token, is_eos)
         finally:  # the token was generated (and counts in usage) even if its text could not be made
-            self._outbox.append((seq.stream, TokenDelta(text=text, token_ids=(token,))))
+            delta = TokenDelta(text=text, token_ids=(token,), logprobs=scored, prompt_logprobs=prompt_scored)
+            self._outbox.append((seq.stream, delta))
 
     def release_tail(self, seq: Sequence) -> None:
         """Queue the text a finished ``seq`` held back (may raise from the tokenizer)."""
@@ -68,6 +80,13 @@ class OutputProcessor:
     def finish(self, seq: Sequence, now: float) -> None:
         """Queue the result of a finished ``seq`` and record it."""
         result = seq.result(now)
+        if seq.prompt_logprobs is not None:
+            try:
+                result.prompt_logprobs = [
+                    None if p is None else _decoded(seq, p) for p in seq.prompt_logprobs
+                ]
+            except Exception as exc:  # the tokenizer failed: the result still goes out, with the error
+                result.finish_reason, result.error = FinishReason.ERROR, f"decoding prompt logprobs: {exc}"
         self._outbox.append((seq.stream, result))
         self._metrics.finished(result)
 
@@ -101,3 +120,15 @@ class OutputProcessor:
             if isinstance(item, GenerationResult) and (timer := self._backstops.pop(stream, None)):
                 timer.cancel()
         self._on_delivered()
+
+
+def _decoded(seq: Sequence, logprobs: RawLogprobs) -> TokenLogprobs:
+    """Token texts for one position's numbers (each token decoded on its own, as vLLM does)."""
+    tokenizer = seq.handle.tokenizer
+
+    def entry(token_id: int, value: float) -> Logprob:
+        text = tokenizer.decode([token_id])
+        return Logprob(token_id, text, value, token_bytes(tokenizer, token_id, text))
+
+    chosen, *top = (entry(token_id, value) for token_id, value in logprobs)
+    return TokenLogprobs(chosen, tuple(top))

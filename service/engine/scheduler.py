@@ -39,7 +39,7 @@ class Scheduler:
         self._metrics = metrics
         self._lock = threading.Condition()
         # Guarded by _lock.
-        self._waiting: deque[Sequence] = deque()
+        self._waiting: deque[list[Sequence]] = deque()  # the choices of one request, admitted together
         self._running: set[Sequence] = set()  # admitted and not yet released
         self._accepting = False
         self._stopping = False
@@ -52,11 +52,11 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return sum(len(group) for group in self._waiting)
 
     @property
     def outstanding(self) -> int:
-        return len(self._waiting) + len(self._running)
+        return self.num_waiting + len(self._running)
 
     # ------------------------------------------------------------------ event loop side
 
@@ -64,9 +64,9 @@ class Scheduler:
         with self._lock:
             self._accepting = True
 
-    def add(self, seq: Sequence) -> None:
-        """Queue ``seq``; raises :class:`EngineDeadError`, :class:`EngineStoppedError` or
-        :class:`QueueFullError` at once."""
+    def add(self, seqs: list[Sequence]) -> None:
+        """Queue ``seqs`` (the choices of one request, each counting as one request); raises
+        :class:`EngineDeadError`, :class:`EngineStoppedError` or :class:`QueueFullError` at once."""
         with self._lock:
             if self.failure is not None:
                 raise EngineDeadError(self.failure)
@@ -75,10 +75,10 @@ class Scheduler:
                 raise EngineStoppedError("the engine is not accepting requests")
             # Bounding waiting + running (rather than waiting alone) keeps the limit exact even while
             # the scheduler is between admitting and running.
-            if self.outstanding >= self.max_running + self.max_queued:
+            if self.outstanding + len(seqs) > self.max_running + self.max_queued:
                 self._metrics.rejected("queue_full")
                 raise QueueFullError(self._retry_after_s())
-            self._waiting.append(seq)
+            self._waiting.append(seqs)
             self._lock.notify()
 
     def close(self) -> None:
@@ -108,21 +108,25 @@ class Scheduler:
             return not self._stopping
 
     def schedule(self, now: float) -> Plan:
-        """End cancelled and timed-out requests, then admit waiting ones into free slots (FIFO)."""
+        """End cancelled and timed-out requests, then admit waiting ones into free slots (FIFO; the
+        choices of one request together)."""
         plan = Plan()
         with self._lock:
             for seq in self._running:
                 self._check_abandoned(seq, now)
             # Sweep the whole queue, so a cancelled request frees its place even while all slots are busy.
-            plan.abandoned = [seq for seq in self._waiting if self._check_abandoned(seq, now)]
+            plan.abandoned = [
+                seq for group in self._waiting for seq in group if self._check_abandoned(seq, now)
+            ]
             if plan.abandoned:
-                self._waiting = deque(seq for seq in self._waiting if not seq.finished)
-            while self._waiting and len(self._running) < self.max_running:
-                seq = self._waiting.popleft()
-                seq.admitted_at = now
-                self._running.add(seq)
-                self._metrics.admitted(now - seq.submitted_at)
-                plan.admitted.setdefault(seq.handle, []).append(seq)
+                groups = ([seq for seq in group if not seq.finished] for group in self._waiting)
+                self._waiting = deque(group for group in groups if group)
+            while self._waiting and len(self._running) + len(self._waiting[0]) <= self.max_running:
+                for seq in self._waiting.popleft():
+                    seq.admitted_at = now
+                    self._running.add(seq)
+                    self._metrics.admitted(now - seq.submitted_at)
+                    plan.admitted.setdefault(seq.handle, []).append(seq)
         return plan
 
     def release(self, seq: Sequence, now: float) -> None:
@@ -134,7 +138,7 @@ class Scheduler:
     def take_waiting(self) -> list[Sequence]:
         """Empty the queue (the engine is stopping) and return what it held."""
         with self._lock:
-            leftovers = list(self._waiting)
+            leftovers = [seq for group in self._waiting for seq in group]
             self._waiting.clear()
         return leftovers
 
@@ -143,7 +147,7 @@ class Scheduler:
         with self._lock:
             self.failure = reason
             self._accepting = False
-            outstanding = [*self._waiting, *self._running]
+            outstanding = [*(seq for group in self._waiting for seq in group), *self._running]
             self._waiting.clear()
             self._running.clear()
         return outstanding
@@ -162,5 +166,5 @@ class Scheduler:
 
     def _retry_after_s(self) -> float:
         """A guess at when a slot frees up: queue length over slots times the mean request time."""
-        waves = (len(self._waiting) + 1) / self.max_running
+        waves = (self.num_waiting + 1) / self.max_running
         return float(max(1, math.ceil(waves * self._mean_request_s)))

@@ -6,9 +6,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from service.engine.logits import LogitsProcessor, RawLogprobs, processors_for
 from service.engine.stream import GenerationStream
 from service.engine.text import IncrementalDetokenizer, StopStringMatcher
-from service.engine.types import FinishReason, GenerationResult, RequestTimings, SamplingParams, Usage
+from service.engine.types import (
+    FinishReason,
+    GenerationResult,
+    RequestTimings,
+    SamplingParams,
+    TokenLogprobs,
+    Usage,
+)
 from service.handle import ModelHandle
 
 
@@ -27,7 +35,12 @@ class Sequence:
     admitted_at: float | None = None  # time.monotonic() when it got a batch slot
     max_new_tokens: int = 0  # set at admission: params.max_tokens capped by the context length
     generator: torch.Generator | None = None  # per-request, so a seeded request is reproducible
+    # Applied to this sequence's logits row before sampling (set at admission; see engine.logits).
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
     output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per output token, when asked
+    prompt_logprobs: list[RawLogprobs | None] | None = None  # set by the prefill, when asked
+    prompt_scored: list[TokenLogprobs | None] | None = None  # the same decoded, with the first token
     first_token_at: float | None = None
     last_token_at: float | None = None
     finish_reason: FinishReason | None = None
@@ -54,6 +67,7 @@ class Sequence:
                 self.generator.seed()
             else:
                 self.generator.manual_seed(self.params.seed)
+        self.logits_processors = processors_for(self)
         self._detokenizer = IncrementalDetokenizer(self.handle.tokenizer, self.prompt_ids)
 
     @property
@@ -127,4 +141,6 @@ class Sequence:
             usage=Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids)),
             error=error or self.error,
             timings=self.timings(now),
+            logprobs=None if self.params.logprobs is None else list(self.logprobs),
+            prompt_logprobs=self.prompt_scored,
         )

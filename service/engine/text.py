@@ -5,7 +5,10 @@ Pure Python over a tokenizer's ``decode``; no torch, so it is cheap to test on i
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
+
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 # Prompt tokens decoded in front of the completion so the first completion token gets the spacing it
 # has in context (SentencePiece tokenizers drop a leading space when a token is decoded alone).
@@ -91,3 +94,22 @@ class StopStringMatcher:
         out = self.text[self._emitted : end]
         self._emitted = end
         return out
+
+
+@cache
+def _byte_of_char() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in characters back to the bytes they stand for."""
+    return {char: byte for byte, char in bytes_to_unicode().items()}
+
+
+def token_bytes(tokenizer: Any, token_id: int, text: str) -> tuple[int, ...]:
+    """The bytes of one token whose text (decoded on its own) is ``text``: for a byte-level BPE
+    token its own bytes, even when it holds only part of a multi-byte character (``text`` is then
+    U+FFFD); else the UTF-8 of ``text``."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    byte_of = _byte_of_char()
+    if isinstance(piece, str) and piece and all(c in byte_of for c in piece):
+        raw = bytes(byte_of[c] for c in piece)
+        if raw.decode("utf-8", errors="replace") == text:  # the tokenizer is byte-level indeed
+            return tuple(raw)
+    return tuple(text.encode())

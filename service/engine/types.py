@@ -23,14 +23,45 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # Logits processors (service.engine.logits), in the order they apply.
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its score)
+    repetition_penalty: float = 1.0  # 1 is none; over prompt and output tokens
+    frequency_penalty: float = 0.0  # per occurrence in the output
+    presence_penalty: float = 0.0  # once per token present in the output
+    # Logprobs from the raw model distribution (before processors, temperature and top-p).
+    logprobs: int | None = None  # None: none; k: each generated token's, with the k most likely
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """One token and its log-probability (natural log) under the raw model distribution."""
+
+    token_id: int
+    token: str  # the token decoded on its own (a partial UTF-8 character decodes as U+FFFD)
+    logprob: float
+    bytes: tuple[int, ...]  # the token's own bytes (a byte-level token's, even a partial character's)
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """The chosen token of one position, and the ``k`` most likely tokens there, most likely first."""
+
+    chosen: Logprob
+    top: tuple[Logprob, ...]
 
 
 @dataclass(frozen=True)
 class TokenDelta:
-    """New text of one request since its previous delta (may be empty while a stop string is pending)."""
+    """New text of one request since its previous delta (may be empty while a stop string is pending).
+
+    ``logprobs`` is aligned with ``token_ids`` when the request asked for logprobs, else empty;
+    the first delta of a request that asked for prompt logprobs carries them (as the result does)."""
 
     text: str
     token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprobs, ...] = ()
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] = ()
 
 
 @dataclass
@@ -72,13 +103,18 @@ class RequestTimings:
 
 @dataclass
 class GenerationResult:
-    """How a request ended: the whole text, why it stopped, its token counts and timings."""
+    """How a request ended: the whole text, why it stopped, its token counts and timings.
+
+    ``logprobs`` (one per generated token) and ``prompt_logprobs`` (None for the first prompt token,
+    which nothing predicts) are set when the request's :class:`SamplingParams` asked for them."""
 
     text: str
     finish_reason: FinishReason
     usage: Usage = field(default_factory=Usage)
     error: str | None = None
     timings: RequestTimings | None = None
+    logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 class EngineError(Exception):
