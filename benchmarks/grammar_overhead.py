@@ -213,26 +213,32 @@ def main(argv: list[str] | None = None) -> None:
     engine_rows(model_dir, args.repeat)
 
 
-async def engine_tok_s(handle: Any, prompt: list[int], concurrency: int, grammar: Any) -> float:
-    """Decode tokens/s of ``concurrency`` requests run together by the engine (with ``grammar``, if
-    any): tokens after each first one, over the span from the first first-token to the last token
-    (constrained answers end early, so prefill is left out of the rate)."""
+async def engine_tok_s(
+    handle: Any, prompt: list[int], concurrency: int, grammar: Any, rounds: int = 4
+) -> float:
+    """Decode tokens/s of ``rounds`` waves of ``concurrency`` requests run together by the engine
+    (with ``grammar``, if any): tokens after each first one, over each wave's span from its first
+    first-token to its last token (answers end at different lengths, so prefill is left out)."""
     from service.engine import Engine, SamplingParams
 
     engine = Engine(max_running=16, max_queued=64)
     await engine.start()
+    tokens, seconds = 0, 0.0
     try:
-        params = [
-            SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, seed=seed, grammar=grammar)
-            for seed in range(concurrency)
-        ]
-        results = await asyncio.gather(*(engine.submit(handle, prompt, p).collect() for p in params))
+        for wave in range(rounds):
+            params = [
+                SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, seed=wave * 100 + i, grammar=grammar)
+                for i in range(concurrency)
+            ]
+            results = await asyncio.gather(*(engine.submit(handle, prompt, p).collect() for p in params))
+            timings = [r.timings for r in results if r.timings is not None and r.timings.ttft_s is not None]
+            tokens += sum(t.completion_tokens - 1 for t in timings)
+            seconds += max(t.submitted_at + t.ttft_s + t.decode_s for t in timings) - min(
+                t.submitted_at + t.ttft_s for t in timings
+            )
     finally:
         await engine.stop()
-    timings = [r.timings for r in results if r.timings is not None and r.timings.ttft_s is not None]
-    first = min(t.submitted_at + t.ttft_s for t in timings)
-    last = max(t.submitted_at + t.ttft_s + t.decode_s for t in timings)
-    return sum(t.completion_tokens - 1 for t in timings) / (last - first)
+    return tokens / seconds
 
 
 def engine_rows(model_dir: Any, repeat: int) -> None:

@@ -17,6 +17,7 @@ complete, and is the only token allowed then.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import weakref
 from collections import OrderedDict
@@ -24,7 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import llguidance
+# llguidance computes masks on a rayon thread pool whose idle workers spin; beside torch's
+# intra-op threads they cut batch-1 decode of the bundled model from ~26 to ~8 tok/s on 2 cores
+# (benchmarks/grammar_overhead.py). The engine computes one row at a time: one thread loses nothing.
+os.environ.setdefault("RAYON_NUM_THREADS", "1")
+
+import llguidance  # after the thread setting: rayon reads it when its pool starts
 import llguidance.hf
 import llguidance.torch
 import torch
