@@ -1,7 +1,8 @@
 """``make bench``: the serving benchmark of issue 3, every system in one run on this machine.
 
 In-process ``model.generate`` at batch 1 and 8 (the roofline), our server at each concurrency
-(streaming, NEW_TOKENS greedy tokens, fixed prompt), and ``transformers serve`` with and without
+(streaming, NEW_TOKENS greedy tokens, fixed prompt), llama.cpp's ``llama-server`` on the bundled
+GGUF (built once, benchmarks/llama_cpp.py), and ``transformers serve`` with and without
 ``--continuous-batching`` when ``transformers[serving]`` is installed. Prints the table and the
 targets as ratios, and writes benchmarks/results/serving.{md,json,png}; then the deploy latency
 figure (benchmarks/deploy_latency.py).
@@ -17,9 +18,10 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks import deploy_latency, inprocess, report, servers
+from benchmarks import deploy_latency, inprocess, llama_cpp, report, servers
 from benchmarks.common import NEW_TOKENS, RESULTS_DIR, Row, bundled_model_dir, num_threads, percentile
 from benchmarks.load import run_load
+from service.lifecycle.bundled import gguf_path
 
 
 def measure(
@@ -45,6 +47,15 @@ def measure(
     return row
 
 
+def run_peer(
+    system: str, argv: list[str], port: int, model: str | None, args: argparse.Namespace, rows: list[Row]
+) -> None:
+    print(system, flush=True)
+    with servers.server(system, argv, servers.health_ready, port) as (url, sampler):
+        for c in args.concurrency:
+            rows.append(measure(system, url, model, sampler, c, rounds_for(c, args.requests)))
+
+
 def rounds_for(c: int, requests: int) -> int:
     """Requests per client so that each level sends about ``requests`` in all (at least one each)."""
     return max(1, requests // c)
@@ -54,10 +65,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--requests", type=int, default=16, help="requests per level (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=num_threads(), help="torch threads (default: cores)")
     parser.add_argument("--skip-peer", action="store_true", help="leave out transformers serve")
+    parser.add_argument("--skip-llama", action="store_true", help="leave out llama-server")
     parser.add_argument("--skip-deploy", action="store_true", help="leave out the deploy latency figure")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -85,16 +97,21 @@ def main(argv: list[str] | None = None) -> None:
             for c in args.concurrency:
                 rows.append(measure(report.OURS, url, None, sampler, c, rounds_for(c, args.requests)))
 
+    binary = None if args.skip_llama else llama_cpp.ensure_llama_server()
+    if binary is None:
+        notes.append(f"{report.LLAMA}: not measured (skipped, or it could not be built here)")
+    else:
+        port = servers.free_port()
+        argv_llama = llama_cpp.server_argv(binary, gguf_path(), port, args.threads)
+        run_peer(report.LLAMA, argv_llama, port, None, args, rows)
+
     for cb, system in ((False, report.PEER), (True, report.PEER_CB)):
         port = servers.free_port()
         argv_peer = None if args.skip_peer else servers.transformers_serve_argv(port, model_dir, cb)
         if argv_peer is None:
             notes.append(f"{system}: not measured (skipped, or transformers[serving] is not installed)")
             continue
-        print(system, flush=True)
-        with servers.server(system, argv_peer, servers.transformers_serve_ready, port) as (url, sampler):
-            for c in args.concurrency:
-                rows.append(measure(system, url, str(model_dir), sampler, c, rounds_for(c, args.requests)))
+        run_peer(system, argv_peer, port, str(model_dir), args, rows)
 
     notes.append(
         f"SmolLM2-135M-Instruct bf16 on CPU, {args.threads} torch threads, {NEW_TOKENS} new tokens, "
