@@ -15,10 +15,11 @@ import asyncio
 import gc
 import platform
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks import deploy_latency, inprocess, llama_cpp, report, servers
+from benchmarks import deploy_latency, greedy_agreement, inprocess, llama_cpp, report, servers
 from benchmarks.common import NEW_TOKENS, RESULTS_DIR, Row, bundled_model_dir, num_threads, percentile
 from benchmarks.load import run_load
 from service.lifecycle.bundled import gguf_path
@@ -47,12 +48,20 @@ def measure(
     return row
 
 
-def run_peer(
-    system: str, argv: list[str], port: int, model: str | None, args: argparse.Namespace, rows: list[Row]
+def run_system(
+    system: str,
+    argv: list[str],
+    ready: Callable[[str], bool],
+    port: int,
+    model: str | None,
+    concurrency: list[int],
+    args: argparse.Namespace,
+    rows: list[Row],
 ) -> None:
+    """Start ``system``'s server and add one row per concurrency level to ``rows``."""
     print(system, flush=True)
-    with servers.server(system, argv, servers.health_ready, port) as (url, sampler):
-        for c in args.concurrency:
+    with servers.server(system, argv, ready, port) as (url, sampler):
+        for c in concurrency:
             rows.append(measure(system, url, model, sampler, c, rounds_for(c, args.requests)))
 
 
@@ -87,15 +96,18 @@ def main(argv: list[str] | None = None) -> None:
     del model, tokenizer
     gc.collect()
 
-    print("our server", flush=True)
     with tempfile.TemporaryDirectory() as state_dir:
         port = servers.free_port()
         argv_ours = servers.our_server_argv(
             port, Path(state_dir), "bundled:smollm2-135m-instruct", args.threads
         )
-        with servers.server("ours", argv_ours, servers.our_server_ready, port) as (url, sampler):
-            for c in args.concurrency:
-                rows.append(measure(report.OURS, url, None, sampler, c, rounds_for(c, args.requests)))
+        run_system(report.OURS, argv_ours, servers.our_server_ready, port, None, args.concurrency, args, rows)
+        port = servers.free_port()
+        argv_eager = servers.our_server_argv(
+            port, Path(state_dir), "bundled:smollm2-135m-instruct", args.threads, "--quantization", "none"
+        )
+        ready = servers.our_server_ready
+        run_system(report.OURS_EAGER, argv_eager, ready, port, None, [1, 8], args, rows)
 
     binary = None if args.skip_llama else llama_cpp.ensure_llama_server()
     if binary is None:
@@ -103,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         port = servers.free_port()
         argv_llama = llama_cpp.server_argv(binary, gguf_path(), port, args.threads)
-        run_peer(report.LLAMA, argv_llama, port, None, args, rows)
+        run_system(report.LLAMA, argv_llama, servers.health_ready, port, None, args.concurrency, args, rows)
 
     for cb, system in ((False, report.PEER), (True, report.PEER_CB)):
         port = servers.free_port()
@@ -111,10 +123,13 @@ def main(argv: list[str] | None = None) -> None:
         if argv_peer is None:
             notes.append(f"{system}: not measured (skipped, or transformers[serving] is not installed)")
             continue
-        run_peer(system, argv_peer, port, str(model_dir), args, rows)
+        ready = servers.health_ready
+        run_system(system, argv_peer, ready, port, str(model_dir), args.concurrency, args, rows)
 
     notes.append(
-        f"SmolLM2-135M-Instruct bf16 on CPU, {args.threads} torch threads, {NEW_TOKENS} new tokens, "
+        f"SmolLM2-135M-Instruct on CPU: {report.OURS} with its fast path (int4 weight-only, "
+        f"SERVING_QUANTIZATION=auto), {report.OURS_EAGER} and the in-process rows in bf16, "
+        f"{report.LLAMA} on the Q4_1 GGUF (-np 8 -c 8192); {args.threads} threads, {NEW_TOKENS} new tokens, "
         f"temperature 0, streaming; in-process prefill of the {len(prompt)}-token prompt: {prefill_s:.3f}s; "
         "in-process TTFT columns show the prefill time; peak RSS is the whole server process tree."
     )
@@ -128,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     goals = report.targets(rows, prefill_s)
     print()
     print(report.write(rows, goals, notes, meta, args.out))
+    print("greedy agreement of the fast path with bf16", flush=True)
+    greedy_agreement.main(["--threads", str(args.threads), "--out", str(args.out)])
     if not args.skip_deploy:
         print("deploy latency (POST /model to phase ready)", flush=True)
         deploy_latency.main(["--threads", str(args.threads), "--out", str(args.out)])
