@@ -19,7 +19,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks import deploy_latency, greedy_agreement, inprocess, llama_cpp, report, servers
+from benchmarks import deploy_latency, inprocess, llama_cpp, report, servers
 from benchmarks.common import NEW_TOKENS, RESULTS_DIR, Row, bundled_model_dir, num_threads, percentile
 from benchmarks.load import run_load
 from service.lifecycle.bundled import gguf_path
@@ -102,12 +102,6 @@ def main(argv: list[str] | None = None) -> None:
             port, Path(state_dir), "bundled:smollm2-135m-instruct", args.threads
         )
         run_system(report.OURS, argv_ours, servers.our_server_ready, port, None, args.concurrency, args, rows)
-        port = servers.free_port()
-        argv_eager = servers.our_server_argv(
-            port, Path(state_dir), "bundled:smollm2-135m-instruct", args.threads, "--quantization", "none"
-        )
-        ready = servers.our_server_ready
-        run_system(report.OURS_EAGER, argv_eager, ready, port, None, [1, 8], args, rows)
 
     binary = None if args.skip_llama else llama_cpp.ensure_llama_server()
     if binary is None:
@@ -127,9 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         run_system(system, argv_peer, ready, port, str(model_dir), args.concurrency, args, rows)
 
     notes.append(
-        f"SmolLM2-135M-Instruct on CPU: {report.OURS} with its fast path (int4 weight-only, "
-        f"SERVING_QUANTIZATION=auto), {report.OURS_EAGER} and the in-process rows in bf16, "
-        f"{report.LLAMA} on the Q4_1 GGUF (-np 8 -c 8192); {args.threads} threads, {NEW_TOKENS} new tokens, "
+        f"SmolLM2-135M-Instruct on CPU: ours and the in-process rows in bf16, {report.LLAMA} on the "
+        f"Q4_1 GGUF (-np 8 -c 8192); {args.threads} threads, {NEW_TOKENS} new tokens, "
         f"temperature 0, streaming; in-process prefill of the {len(prompt)}-token prompt: {prefill_s:.3f}s; "
         "in-process TTFT columns show the prefill time; peak RSS is the whole server process tree."
     )
@@ -143,8 +136,6 @@ def main(argv: list[str] | None = None) -> None:
     goals = report.targets(rows, prefill_s)
     print()
     print(report.write(rows, goals, notes, meta, args.out))
-    print("greedy agreement of the fast path with bf16", flush=True)
-    greedy_agreement.main(["--threads", str(args.threads), "--out", str(args.out)])
     if not args.skip_deploy:
         print("deploy latency (POST /model to phase ready)", flush=True)
         deploy_latency.main(["--threads", str(args.threads), "--out", str(args.out)])

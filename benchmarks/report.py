@@ -10,7 +10,6 @@ from pathlib import Path
 from benchmarks.common import Row
 
 OURS = "our server"
-OURS_EAGER = "our server, bf16 (SERVING_QUANTIZATION=none)"
 GENERATE = "in-process generate"
 PEER_CB = "transformers serve --continuous-batching"
 PEER = "transformers serve"

@@ -20,15 +20,6 @@ class ChatTemplateError(ValueError):
 
 
 @dataclass(frozen=True)
-class FastPath:
-    """Whether the forward pass was sped up while warming, and how or why not (``GET /model``)."""
-
-    enabled: bool
-    kind: str  # "int4_weight_only", or "none"
-    reason: str
-
-
-@dataclass(frozen=True)
 class ModelInfo:
     """What ``GET /model`` reports about a loaded model."""
 
@@ -41,7 +32,6 @@ class ModelInfo:
     loaded_at: datetime
     path: str = ""
     context_length: int | None = None
-    fast_path: FastPath = FastPath(False, "none", "not warmed up yet")
 
 
 @dataclass(eq=False)

@@ -51,12 +51,6 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights dtype; auto is bfloat16 (float16 on CUDA without bf16 support)."
     )
-    quantization: Literal["auto", "none"] = Field(
-        "auto",
-        description="The fast path: auto quantizes the linear layers' weights to int4 (groups of 32) while "
-        "warming, where the CPU kernel applies (bfloat16 on CPU), and serves unquantized elsewhere; none "
-        "never quantizes.",
-    )
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads for PyTorch; unset leaves PyTorch's default."
     )

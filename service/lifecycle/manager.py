@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import gc
 import logging
 import threading
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from service.handle import ModelHandle
-from service.lifecycle import fast_path, loader, sources
+from service.lifecycle import loader, sources
 from service.lifecycle.bundled import BundledModelMissingError
 from service.lifecycle.deployment import Deployment, Phase
 from service.lifecycle.sources import ModelSource, SourceError, SourceKind
@@ -217,8 +216,6 @@ class ModelManager:
         handle = await _in_daemon_thread(lambda: loader.load(model_dir, source, device=device, dtype=dtype))
         self._check_not_stopping()
         self._enter(deployment, Phase.WARMING)
-        fast = await _in_daemon_thread(fast_path.prepare, handle, s.quantization)
-        handle.info = dataclasses.replace(handle.info, fast_path=fast)  # not yet published: no reader
         await _in_daemon_thread(loader.warm_up, handle)
         self._check_not_stopping()
         return handle
@@ -271,5 +268,4 @@ def model_info_dict(handle: ModelHandle) -> dict[str, Any]:
         "parameters": i.parameters,
         "context_length": i.context_length,
         "loaded_at": i.loaded_at.isoformat(),
-        "fast_path": dataclasses.asdict(i.fast_path),
     }
