@@ -58,7 +58,7 @@ test-fast: $(VENV)/.dev $(VENV)/.system  ## Tests without the bundled model.
 bundled-model: $(VENV)/.base  ## Convert the bundled model once into the cache (the image build runs this).
 	$(PY) -m service.lifecycle.bundled
 
-bench: $(VENV)/.bench  ## Run the benchmarks (~15 min) and write benchmarks/results/.
+bench: $(VENV)/.bench  ## Run the benchmarks (~25 min; the first run also builds llama-server, ~10 min) and write benchmarks/results/.
 	$(PY) -m benchmarks
 
 synth: $(VENV)/.dev  ## Write the Kubernetes manifests to dist/.

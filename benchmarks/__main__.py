@@ -1,7 +1,8 @@
 """``make bench``: the serving benchmark of issue 3, every system in one run on this machine.
 
 In-process ``model.generate`` at batch 1 and 8 (the roofline), our server at each concurrency
-(streaming, NEW_TOKENS greedy tokens, fixed prompt), and ``transformers serve`` with and without
+(streaming, NEW_TOKENS greedy tokens, fixed prompt), llama.cpp's ``llama-server`` on the bundled
+GGUF (built once, benchmarks/llama_cpp.py), and ``transformers serve`` with and without
 ``--continuous-batching`` when ``transformers[serving]`` is installed. Prints the table and the
 targets as ratios, and writes benchmarks/results/serving.{md,json,png}; then the deploy latency
 figure (benchmarks/deploy_latency.py), the token gap of running streams while a 1 MiB prompt is
@@ -17,6 +18,7 @@ import asyncio
 import gc
 import platform
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,12 +27,14 @@ from benchmarks import (
     deploy_latency,
     grammar_overhead,
     inprocess,
+    llama_cpp,
     report,
     servers,
     tokenize_stall,
 )
 from benchmarks.common import NEW_TOKENS, RESULTS_DIR, Row, bundled_model_dir, num_threads, percentile
 from benchmarks.load import run_load
+from service.lifecycle.bundled import gguf_path
 
 
 def measure(
@@ -56,6 +60,23 @@ def measure(
     return row
 
 
+def run_system(
+    system: str,
+    argv: list[str],
+    ready: Callable[[str], bool],
+    port: int,
+    model: str | None,
+    concurrency: list[int],
+    args: argparse.Namespace,
+    rows: list[Row],
+) -> None:
+    """Start ``system``'s server and add one row per concurrency level to ``rows``."""
+    print(system, flush=True)
+    with servers.server(system, argv, ready, port) as (url, sampler):
+        for c in concurrency:
+            rows.append(measure(system, url, model, sampler, c, rounds_for(c, args.requests)))
+
+
 def rounds_for(c: int, requests: int) -> int:
     """Requests per client so that each level sends about ``requests`` in all (at least one each)."""
     return max(1, requests // c)
@@ -65,10 +86,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--requests", type=int, default=16, help="requests per level (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=num_threads(), help="torch threads (default: cores)")
     parser.add_argument("--skip-peer", action="store_true", help="leave out transformers serve")
+    parser.add_argument("--skip-llama", action="store_true", help="leave out llama-server")
     parser.add_argument("--skip-deploy", action="store_true", help="leave out the deploy latency figure")
     parser.add_argument("--skip-stall", action="store_true", help="leave out the tokenize stall figure")
     parser.add_argument(
@@ -95,15 +117,20 @@ def main(argv: list[str] | None = None) -> None:
     del model, tokenizer
     gc.collect()
 
-    print("our server", flush=True)
     with tempfile.TemporaryDirectory() as state_dir:
         port = servers.free_port()
         argv_ours = servers.our_server_argv(
             port, Path(state_dir), "bundled:smollm2-135m-instruct", args.threads
         )
-        with servers.server("ours", argv_ours, servers.our_server_ready, port) as (url, sampler):
-            for c in args.concurrency:
-                rows.append(measure(report.OURS, url, None, sampler, c, rounds_for(c, args.requests)))
+        run_system(report.OURS, argv_ours, servers.our_server_ready, port, None, args.concurrency, args, rows)
+
+    binary = None if args.skip_llama else llama_cpp.ensure_llama_server()
+    if binary is None:
+        notes.append(f"{report.LLAMA}: not measured (skipped, or it could not be built here)")
+    else:
+        port = servers.free_port()
+        argv_llama = llama_cpp.server_argv(binary, gguf_path(), port, args.threads)
+        run_system(report.LLAMA, argv_llama, servers.health_ready, port, None, args.concurrency, args, rows)
 
     for cb, system in ((False, report.PEER), (True, report.PEER_CB)):
         port = servers.free_port()
@@ -111,13 +138,12 @@ def main(argv: list[str] | None = None) -> None:
         if argv_peer is None:
             notes.append(f"{system}: not measured (skipped, or transformers[serving] is not installed)")
             continue
-        print(system, flush=True)
-        with servers.server(system, argv_peer, servers.transformers_serve_ready, port) as (url, sampler):
-            for c in args.concurrency:
-                rows.append(measure(system, url, str(model_dir), sampler, c, rounds_for(c, args.requests)))
+        ready = servers.health_ready
+        run_system(system, argv_peer, ready, port, str(model_dir), args.concurrency, args, rows)
 
     notes.append(
-        f"SmolLM2-135M-Instruct bf16 on CPU, {args.threads} torch threads, {NEW_TOKENS} new tokens, "
+        f"SmolLM2-135M-Instruct on CPU: ours and the in-process rows in bf16, {report.LLAMA} on the "
+        f"Q4_1 GGUF (-np 8 -c 8192); {args.threads} threads, {NEW_TOKENS} new tokens, "
         f"temperature 0, streaming; in-process prefill of the {len(prompt)}-token prompt: {prefill_s:.3f}s; "
         "in-process TTFT columns show the prefill time; peak RSS is the whole server process tree."
     )

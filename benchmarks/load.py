@@ -66,7 +66,10 @@ async def run_load(
 ) -> tuple[list[Sample], float]:
     """``concurrency`` clients, each sending ``rounds`` requests in turn; the samples and the wall time."""
     timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    # A new connection per request, for every system alike: llama-server closes idle keep-alive
+    # connections, which a pooled client would count as errors.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
 
         async def client() -> list[Sample]:
             return [await stream_one(session, base_url, model) for _ in range(rounds)]

@@ -129,6 +129,7 @@ def transformers_serve_argv(port: int, model_dir: Path, continuous_batching: boo
     ]
 
 
-def transformers_serve_ready(base_url: str) -> bool:
+def health_ready(base_url: str) -> bool:
+    """``GET /health`` answers 200 (``transformers serve``; ``llama-server`` once its model loaded)."""
     with urllib.request.urlopen(f"{base_url}/health", timeout=5) as response:
         return response.status == 200
