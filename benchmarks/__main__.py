@@ -7,7 +7,8 @@ GGUF (built once, benchmarks/llama_cpp.py), and ``transformers serve`` with and 
 targets as ratios, and writes benchmarks/results/serving.{md,json,png}; then the deploy latency
 figure (benchmarks/deploy_latency.py), the token gap of running streams while a 1 MiB prompt is
 admitted (benchmarks/tokenize_stall.py) and greedy reproducibility under batch sharing, bf16 vs
-float32 (benchmarks/batch_invariance.py).
+float32 (benchmarks/batch_invariance.py), and the per-token cost of constrained decoding for each
+grammar library installed (benchmarks/grammar_overhead.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,16 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks import batch_invariance, deploy_latency, inprocess, llama_cpp, report, servers, tokenize_stall
+from benchmarks import (
+    batch_invariance,
+    deploy_latency,
+    grammar_overhead,
+    inprocess,
+    llama_cpp,
+    report,
+    servers,
+    tokenize_stall,
+)
 from benchmarks.common import NEW_TOKENS, RESULTS_DIR, Row, bundled_model_dir, num_threads, percentile
 from benchmarks.load import run_load
 from service.lifecycle.bundled import gguf_path
@@ -88,6 +98,9 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="leave out greedy reproducibility, bf16 vs float32",
     )
+    parser.add_argument(
+        "--skip-grammar", action="store_true", help="leave out the constrained-decoding overhead"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
 
@@ -152,6 +165,9 @@ def main(argv: list[str] | None = None) -> None:
         tokenize_stall.main(common)
     if not args.skip_batch_invariance:
         batch_invariance.main(common)
+    if not args.skip_grammar:
+        print("constrained decoding: per-token mask overhead by grammar library", flush=True)
+        grammar_overhead.main([])
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests.tiny_models import build_tiny_model, install_in_hub_cache
+from tests.tiny_models import HERMES_TOOLS_TEMPLATE, build_tiny_model, install_in_hub_cache
 
 TINY_HUB_ID = "tiny-org/tiny-chat-b"
 
@@ -30,6 +30,12 @@ def tiny_model_a(models_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_b(models_root: Path) -> Path:
     return build_tiny_model(models_root / "tiny-b", seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_tools_model(models_root: Path) -> Path:
+    """A tiny model whose chat template renders tools (Hermes-style, as Qwen's and SmolLM's)."""
+    return build_tiny_model(models_root / "tiny-tools", seed=3, chat_template=HERMES_TOOLS_TEMPLATE)
 
 
 @pytest.fixture(scope="session")

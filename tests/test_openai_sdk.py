@@ -145,7 +145,20 @@ _TOOL = [{"type": "function", "function": {"name": "f", "parameters": {"type": "
         ({"tools": _TOOL}, "tools"),
         ({"tools": _TOOL, "tool_choice": "required"}, "tools"),
         ({"tool_choice": "required"}, "tool_choice"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}},
+            "response_format",
+        ),
+        ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools[0].type 'custom'"),
+        (
+            {"tools": _TOOL, "tool_choice": {"type": "function", "function": {"name": "g"}}},
+            "tool_choice (no tool named 'g')",
+        ),
+        (
+            {"tools": _TOOL, "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "response_format together with tools",
+        ),
+        ({"functions": [{"name": "f"}]}, "functions"),
         ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "audio"),
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"prediction": {"type": "content", "content": "Paris"}}, "prediction"),
@@ -170,14 +183,14 @@ def test_unhonoured_options_are_refused_naming_them(
 @pytest.mark.parametrize(
     ("message", "named"),
     [
-        ({"role": "tool", "content": "42", "tool_call_id": "c1"}, "messages[1].role 'tool'"),
+        ({"role": "function", "name": "f", "content": "42"}, "messages[1].role 'function'"),
         (
-            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
-            "messages[1].tool_calls",
+            {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}},
+            "messages[1].function_call",
         ),
     ],
 )
-def test_tool_history_is_refused_naming_it(
+def test_legacy_function_history_is_refused_naming_it(
     create: Callable[..., Any], message: dict[str, Any], named: str
 ) -> None:
     with pytest.raises(openai.BadRequestError) as caught:

@@ -13,6 +13,31 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+#: A Hermes-style ChatML template that renders tools, tool calls and tool results the way the Qwen
+#: and SmolLM families do (tools in the system turn, calls in <tool_call> tags).
+HERMES_TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n"
+    "{%- if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
+    "# Tools\n\nYou may call one or more functions. Their signatures are within <tools></tools>:\n<tools>"
+    "{%- for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n</tools>\n\n"
+    "For each call, return a JSON object with the function name and arguments within "
+    "<tool_call></tool_call>:\n"
+    '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if tools and loop.first and message['role'] == 'system' %}"
+    "{%- elif message['role'] == 'assistant' and message.get('tool_calls') %}<|im_start|>assistant\n"
+    "{%- if message['content'] %}{{ message['content'] }}\n{% endif %}"
+    "{%- for call in message['tool_calls'] %}<tool_call>\n"
+    '{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}'
+    "\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{%- elif message['role'] == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message['content'] }}"
+    "\n</tool_response><|im_end|>\n"
+    "{%- else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
 _CORPUS = [
     "The capital of France is Paris. The capital of Italy is Rome.",
     "Hello! How can I help you today? I am a helpful assistant.",
@@ -21,8 +46,8 @@ _CORPUS = [
 ] * 20
 
 
-def build_tokenizer(out_dir: Path):
-    """Train a ~400-token byte-level BPE tokenizer and save it with a chat template."""
+def build_tokenizer(out_dir: Path, chat_template: str = CHATML_TEMPLATE):
+    """Train a ~400-token byte-level BPE tokenizer and save it with ``chat_template``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -43,17 +68,18 @@ def build_tokenizer(out_dir: Path):
         pad_token="<|endoftext|>",
         unk_token="<|endoftext|>",
     )
-    fast.chat_template = CHATML_TEMPLATE
+    fast.chat_template = chat_template
     fast.save_pretrained(out_dir)
     return fast
 
 
-def build_tiny_model(out_dir: Path, *, seed: int) -> Path:
-    """Save a 2-layer Llama (random weights from ``seed``) plus tokenizer to ``out_dir``."""
+def build_tiny_model(out_dir: Path, *, seed: int, chat_template: str = CHATML_TEMPLATE) -> Path:
+    """Save a 2-layer Llama (random weights from ``seed``) plus tokenizer (with ``chat_template``)
+    to ``out_dir``."""
     import torch
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(out_dir)
+    tokenizer = build_tokenizer(out_dir, chat_template)
     torch.manual_seed(seed)
     model = _llama(
         tokenizer,

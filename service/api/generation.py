@@ -4,6 +4,7 @@ parameters, queueing its choices on the engine, collecting results, and writing 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -25,6 +26,7 @@ from service.api.protocol import (
     Usage,
 )
 from service.engine import GenerationStream
+from service.engine.grammar import GrammarError
 from service.engine.types import (
     EngineDeadError,
     EngineStoppedError,
@@ -36,12 +38,21 @@ from service.engine.types import (
     TokenDelta,
     TokenLogprobs,
 )
-from service.handle import ChatTemplateError, ModelHandle
+from service.handle import ChatTemplateError, ModelHandle, ToolsUnsupportedError
 
 T = TypeVar("T")
 
 #: Headers of every Server-Sent Events response (no proxy buffering, no caching).
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """Constrained decoding a request asks for: an llguidance grammar, and the request option it
+    comes from (named in the 400 when the grammar uses what is not supported)."""
+
+    option: str
+    source: str
 
 
 @dataclass
@@ -82,9 +93,13 @@ async def in_tokenizer_pool(request: web.Request, work: Callable[..., T], *args:
 
 
 async def chat_prompt(
-    request: web.Request, handle: ModelHandle, messages: Sequence[ChatMessage]
+    request: web.Request,
+    handle: ModelHandle,
+    messages: Sequence[ChatMessage],
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
-    """The token ids of ``messages`` rendered with the model's chat template; 4xx when they cannot be."""
+    """The token ids of ``messages`` (and ``tools``) rendered with the model's chat template; 4xx when
+    they cannot be (400 naming ``tools`` when the template ignores them)."""
     settings = request.app[keys.SETTINGS]
     if len(messages) > settings.max_messages:
         raise ApiError(422, f"at most {settings.max_messages} messages per request", type="invalid_request")
@@ -98,11 +113,25 @@ async def chat_prompt(
             )
     # Any error other than the template's refusal is the server's: a 500.
     try:
-        return await in_tokenizer_pool(request, handle.encode_chat, [m.template_message() for m in messages])
+        return await in_tokenizer_pool(
+            request, handle.encode_chat, [m.template_message() for m in messages], tools
+        )
     except ChatTemplateError as exc:
         raise ApiError(
             422, f"the model's chat template rejected the messages: {exc}", type="invalid_request"
         ) from exc
+    except ToolsUnsupportedError as exc:
+        raise unsupported_option("tools", str(exc)) from exc
+
+
+def unsupported_option(option: str, why: str) -> ApiError:
+    """The 400 for an ``option`` this server does not serve in the way asked, saying ``why``."""
+    return ApiError(
+        400,
+        f"not supported by this server: {option}: {why}",
+        type="unsupported_option",
+        details=[{"loc": [option], "msg": why, "type": "unsupported_option"}],
+    )
 
 
 def check_prompt(request: web.Request, handle: ModelHandle, prompt_ids: list[int]) -> None:
@@ -213,12 +242,23 @@ async def admit_chat(
     max_tokens: int | None,
     logprobs: int | None = None,
     n: int = 1,
+    tools: list[dict[str, Any]] | None = None,
+    constraint: Constraint | None = None,
 ) -> Admitted:
-    """Render ``messages`` on the serving model and queue ``n`` choices of it."""
+    """Render ``messages`` (and ``tools``) on the serving model, compile ``constraint``, and queue
+    ``n`` choices of it (each choice with its own grammar matcher)."""
     check_n(request, n)
     params = sampling_params(request, handle, sampling, max_tokens, logprobs)
-    prompt_ids = await chat_prompt(request, handle, messages)
+    prompt_ids = await chat_prompt(request, handle, messages, tools)
     check_prompt(request, handle, prompt_ids)
+    if constraint is not None:  # a new grammar takes milliseconds to validate: off the loop
+        try:
+            grammar = await in_tokenizer_pool(
+                request, request.app[keys.ENGINE].grammars.compile, handle, constraint.source
+            )
+        except GrammarError as exc:
+            raise unsupported_option(constraint.option, str(exc)) from exc
+        params = dataclasses.replace(params, grammar=grammar)
     return submit(request, handle, [prompt_ids], params, n)
 
 

@@ -14,6 +14,7 @@ from service.api import keys, paths
 from service.api.errors import ApiError, parse_body
 from service.api.generation import (
     Admitted,
+    Constraint,
     admit_chat,
     chat_logprobs,
     check_n,
@@ -29,14 +30,16 @@ from service.api.generation import (
     usage_of,
 )
 from service.api.protocol import (
-    AssistantMessage,
     ChatChunkChoice,
     ChatDelta,
+    ChoiceLogprobs,
     ErrorDetail,
     LegacyChoice,
     LegacyCompletionRequest,
     LegacyCompletionResponse,
     LegacyLogprobs,
+    NamedToolChoice,
+    OpenAIAssistantMessage,
     OpenAIChatChunk,
     OpenAIChatRequest,
     OpenAIChatResponse,
@@ -45,16 +48,22 @@ from service.api.protocol import (
     OpenAIModelList,
     OpenAIRequest,
     StreamError,
+    ToolCallDelta,
+    ToolCallItem,
 )
+from service.api.tool_calls import ToolCall, ToolCallParser
+from service.engine.grammar import NO_PARAMETERS, json_schema_grammar, tool_call_grammar
 from service.engine.types import FinishReason, GenerationResult, TokenLogprobs
 from service.handle import ModelHandle
 
 routes = web.RouteTableDef()
 
 
-def _finish_reason(reason: FinishReason) -> Any:
-    # OpenAI knows only stop/length here; a timeout is a cut-off like max_tokens.
-    return "length" if reason in (FinishReason.LENGTH, FinishReason.TIMEOUT) else "stop"
+def _finish_reason(reason: FinishReason, called: bool = False) -> Any:
+    # OpenAI knows only stop/length/tool_calls here; a timeout is a cut-off like max_tokens.
+    if reason in (FinishReason.LENGTH, FinishReason.TIMEOUT):
+        return "length"
+    return "tool_calls" if called else "stop"
 
 
 def _refuse_unhonoured(body: OpenAIRequest) -> None:
@@ -86,13 +95,53 @@ def _stream_end(request: web.Request, results: list[GenerationResult], n: int, u
 # ----------------------------------------------------------------------------- chat completions
 
 
+def _constraint(body: OpenAIChatRequest) -> Constraint | None:
+    """The grammar ``response_format`` or a forcing ``tool_choice`` asks for (None: free text)."""
+    if body.calls_tools and body.tool_choice not in (None, "auto"):
+        forced = body.tool_choice.function.name if isinstance(body.tool_choice, NamedToolChoice) else None
+        functions = [
+            (t.function.name, t.function.parameters or NO_PARAMETERS)
+            for t in body.tools or []
+            if t.function is not None and forced in (None, t.function.name)
+        ]
+        return Constraint("tools", tool_call_grammar(functions))
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    return Constraint("response_format", json_schema_grammar(fmt.json_schema and fmt.json_schema.json_schema))
+
+
+def _tools(body: OpenAIChatRequest) -> list[dict[str, Any]] | None:
+    """The tools as the chat template reads them (none when tool_choice is "none", as vLLM does)."""
+    return [t.model_dump(exclude_none=True) for t in body.tools or []] if body.calls_tools else None
+
+
+def _tool_parser(body: OpenAIChatRequest, handle: ModelHandle) -> ToolCallParser | None:
+    """A parser of one choice's tool calls, when the model was offered tools."""
+    return (
+        ToolCallParser(handle.tokenizer, 1 if body.parallel_tool_calls is False else None)
+        if body.calls_tools
+        else None
+    )
+
+
 @routes.post(paths.OPENAI_CHAT_COMPLETIONS)
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, OpenAIChatRequest)
     handle = serving_handle(request, body.model)
     _refuse_unhonoured(body)
     max_tokens = body.max_completion_tokens or body.max_tokens
-    admitted = await admit_chat(request, handle, body.messages, body, max_tokens, body.logprobs_k, body.n)
+    admitted = await admit_chat(
+        request,
+        handle,
+        body.messages,
+        body,
+        max_tokens,
+        body.logprobs_k,
+        body.n,
+        tools=_tools(body),
+        constraint=_constraint(body),
+    )
     chat_id = f"chatcmpl-{admitted.request_id}"
     created = int(time.time())
     if body.stream:
@@ -102,20 +151,29 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         id=chat_id,
         created=created,
         model=admitted.model_id,
-        choices=[
-            OpenAIChoice(
-                index=i,
-                message=AssistantMessage(content=result.text),
-                logprobs=None if result.logprobs is None else chat_logprobs(result.logprobs),
-                finish_reason=_finish_reason(result.finish_reason),
-            )
-            for i, result in enumerate(results)
-        ],
+        choices=[_chat_choice(i, result, _tool_parser(body, handle)) for i, result in enumerate(results)],
         usage=usage_of(results, body.n),
     ).model_dump()
     if timings := timings_of(request, results[0]):
         response["timings"] = timings
     return web.json_response(response)
+
+
+def _chat_choice(index: int, result: GenerationResult, parser: ToolCallParser | None) -> OpenAIChoice:
+    content, calls = result.text, []
+    if parser is not None:  # the text's tool calls, and the content around them
+        content, calls = parser.feed(result.text)
+        tail, last = parser.finish()
+        content, calls = content + tail, calls + last
+    return OpenAIChoice(
+        index=index,
+        message=OpenAIAssistantMessage(
+            content=content if content or not calls else None,
+            tool_calls=[ToolCallItem.model_validate(c.openai()) for c in calls] or None,
+        ),
+        logprobs=None if result.logprobs is None else chat_logprobs(result.logprobs),
+        finish_reason=_finish_reason(result.finish_reason, bool(calls)),
+    )
 
 
 async def _chat_chunks(
@@ -124,18 +182,36 @@ async def _chat_chunks(
     def chunk(choices: list[ChatChunkChoice]) -> OpenAIChatChunk:
         return OpenAIChatChunk(id=chat_id, created=created, model=admitted.model_id, choices=choices)
 
+    def deltas(i: int, parsed: tuple[str, list[ToolCall]], logprobs: ChoiceLogprobs | None = None) -> Any:
+        """Choice ``i``'s chunks for released content and completed tool calls (each call whole)."""
+        content, calls = parsed
+        if content or logprobs:
+            yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(content=content), logprobs=logprobs)])
+        for call in calls:
+            delta = ChatDelta(tool_calls=[ToolCallDelta(index=sent[i], **call.openai())])
+            sent[i] += 1
+            yield chunk([ChatChunkChoice(index=i, delta=delta)])
+
+    parsers = [_tool_parser(body, admitted.handle) for _ in admitted.streams]
+    sent = [0] * len(admitted.streams)  # tool calls sent per choice
     for i in range(len(admitted.streams)):
         yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
     results: list[GenerationResult] = [None] * len(admitted.streams)  # type: ignore[list-item]
     async for i, item in merged(admitted):
+        parser = parsers[i]
         if isinstance(item, GenerationResult):
             results[i] = item
+            if parser is not None:
+                for event in deltas(i, parser.finish()):
+                    yield event
             if item.finish_reason is not FinishReason.ERROR:
-                finish = _finish_reason(item.finish_reason)
+                finish = _finish_reason(item.finish_reason, sent[i] > 0)
                 yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(), finish_reason=finish)])
         elif item.text or item.logprobs:
             logprobs = chat_logprobs(item.logprobs) if body.logprobs else None
-            yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(content=item.text), logprobs=logprobs)])
+            parsed = parser.feed(item.text) if parser is not None else (item.text, [])
+            for event in deltas(i, parsed, logprobs):
+                yield event
     for event in _stream_end(request, results, body.n, chunk([]) if body.include_usage else None):
         yield event
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -340,13 +341,29 @@ class HealthResponse(BaseModel):
 ToolRole = Literal["tool", "function"]
 
 
-class OpenAIChatMessage(ChatMessage):
-    """A chat message as OpenAI takes it; tool roles and tool calls are refused with 400 (no tools)."""
+class FunctionCall(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field(max_length=MAX_CONTENT_CHARS, description="JSON text of the arguments.")
 
-    model_config = ConfigDict(extra="ignore")  # e.g. refusal, audio, tool_call_id: not read
+
+class ToolCallItem(BaseModel):
+    """A call the assistant made, as OpenAI returns it (and clients send it back in the history)."""
+
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class OpenAIChatMessage(ChatMessage):
+    """A chat message as OpenAI takes it: ``assistant`` messages may carry ``tool_calls``, ``tool``
+    messages answer one by ``tool_call_id``; the legacy ``function`` role and ``function_call`` are
+    refused with 400."""
+
+    model_config = ConfigDict(extra="ignore")  # e.g. refusal, audio: not read
     role: Role | ToolRole
     content: Content | None = Field(None, description="A string or text parts; null only for assistant.")
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallItem] | None = Field(None, max_length=128)
+    tool_call_id: str | None = Field(None, max_length=256)
     function_call: dict[str, Any] | None = None
 
     @model_validator(mode="after")
@@ -356,9 +373,90 @@ class OpenAIChatMessage(ChatMessage):
         return self
 
     def unhonoured(self) -> list[str]:
-        """What in this message asks for tool use, which is not served."""
-        refused = [f"role {self.role!r}"] if self.role in ("tool", "function") else []
-        return refused + [name for name in ("tool_calls", "function_call") if getattr(self, name)]
+        """What in this message asks for the legacy function-calling API, which is not served."""
+        refused = ["role 'function'"] if self.role == "function" else []
+        return refused + (["function_call"] if self.function_call else [])
+
+    def template_message(self) -> dict[str, Any]:
+        """The message as chat templates read it: tool-call arguments as an object (Hermes-style
+        templates write them with ``tojson``), the answered call's id on a tool message."""
+        message: dict[str, Any] = dict(super().template_message())
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": c.type,
+                    "function": {"name": c.function.name, "arguments": _json_or_text(c.function.arguments)},
+                }
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: the output is constrained to validate against ``schema``."""
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(
+        None, alias="schema", description="A JSON Schema; absent means any JSON object."
+    )
+    strict: bool | None = Field(None, description="Always strict here: the output is constrained.")
+
+
+class ResponseFormat(BaseModel):
+    """``{"type": "text"}``, ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":
+    {...}}``; the JSON forms are served by constrained decoding."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and only with it")
+        return self
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = Field(None, max_length=MAX_CONTENT_CHARS)
+    parameters: dict[str, Any] | None = Field(
+        None, description="JSON Schema of the arguments; a forced call's arguments validate against it."
+    )
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    """A tool the model may call; only ``function`` tools are served (others are refused with 400)."""
+
+    model_config = ConfigDict(extra="allow")  # another type's payload is never read
+    type: str = Field(min_length=1, max_length=64)
+    function: FunctionDefinition | None = None
+
+    @model_validator(mode="after")
+    def _function_has_definition(self) -> ToolDefinition:
+        if self.type == "function" and self.function is None:
+            raise ValueError("a function tool needs 'function'")
+        return self
+
+
+class NamedFunction(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 #: Options that change the answer and are not served yet, each with the values that ask for
@@ -433,22 +531,41 @@ class OpenAIChatRequest(OpenAIRequest, ChatLogprobsFields):
 
     messages: list[OpenAIChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens (wins over it).")
-    response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"} is served.')
-    tools: list[dict[str, Any]] | None = Field(None, description='Refused unless tool_choice is "none".')
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = Field(None, description="JSON output by constrained decoding.")
+    tools: list[ToolDefinition] | None = Field(
+        None, max_length=128, description="Function tools, rendered by the model's chat template."
+    )
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="required and a named function are enforced by constrained decoding."
+    )
+    parallel_tool_calls: bool | None = Field(
+        None, description="false keeps the first call; a forced call is always exactly one."
+    )
     functions: list[dict[str, Any]] | None = Field(
         None, description='Refused unless function_call is "none".'
     )
     function_call: str | dict[str, Any] | None = None
 
+    @property
+    def calls_tools(self) -> bool:
+        """Tools are offered to the model (given, and tool_choice is not "none")."""
+        return bool(self.tools) and self.tool_choice != "none"
+
     def unhonoured_options(self) -> list[str]:
-        refused = super().unhonoured_options()
-        for option, choice in (("tools", self.tool_choice), ("functions", self.function_call)):
-            if getattr(self, option) and choice != "none":
-                refused.append(option)
-        if not self.tools and self.tool_choice not in (None, "none", "auto"):
+        # response_format is served here (the legacy endpoint still refuses it).
+        refused = [name for name in super().unhonoured_options() if name != "response_format"]
+        if self.functions and self.function_call != "none":
+            refused.append("functions")
+        refused += [
+            f"tools[{i}].type {t.type!r}" for i, t in enumerate(self.tools or []) if t.type != "function"
+        ]
+        names = [t.function.name for t in self.tools or [] if t.function is not None]
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            refused.append(f"tool_choice (no tool named {self.tool_choice.function.name!r})")
+        elif self.tool_choice == "required" and not names:
             refused.append("tool_choice")
+        if self.calls_tools and self.response_format is not None and self.response_format.type != "text":
+            refused.append("response_format together with tools")
         for i, message in enumerate(self.messages):
             refused += [f"messages[{i}].{what}" for what in message.unhonoured()]
         return refused
@@ -492,12 +609,18 @@ class LegacyCompletionRequest(OpenAIRequest):
         return p  # type: ignore[return-value]
 
 
-OpenAIFinishReason = Literal["stop", "length"]
+OpenAIFinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class OpenAIAssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = Field(description="null when the answer is only tool calls.")
+    tool_calls: list[ToolCallItem] | None = None
 
 
 class OpenAIChoice(BaseModel):
     index: int
-    message: AssistantMessage
+    message: OpenAIAssistantMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: OpenAIFinishReason
 
@@ -516,9 +639,16 @@ class OpenAIChatResponse(_OpenAIObject):
     usage: Usage
 
 
+class ToolCallDelta(ToolCallItem):
+    """A tool call in a stream: each call is sent whole, in one delta, at its ``index``."""
+
+    index: int
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -31,6 +31,7 @@ import uuid
 import torch
 
 from service.engine.batch import CacheError
+from service.engine.grammar import GrammarCompiler
 from service.engine.model_runner import ModelRunner
 from service.engine.output_processor import OutputProcessor
 from service.engine.scheduler import Scheduler
@@ -62,6 +63,7 @@ class Engine:
         self._metrics = EngineMetrics() if metrics is None else PrometheusEngineMetrics(metrics)
         self._scheduler = Scheduler(max_running, max_queued, request_timeout_s, self._metrics)
         self._runner = ModelRunner()
+        self.grammars = GrammarCompiler()  # constrained decoding: compile off the loop, pass in params
         self._output = OutputProcessor(self._metrics, on_delivered=self._check_idle)
         self._thread: threading.Thread | None = None
         self._idle = asyncio.Event()  # set while nothing is outstanding (what drain() waits for)

@@ -11,8 +11,9 @@ it returns the row to use. A stateful processor (e.g. a grammar matcher) advance
 tokens in ``output_ids`` it has not seen yet. To add one kind, build it in :func:`processors_for`.
 
 Order, as vLLM's sampler applies them: ``logit_bias``, then the repetition, frequency and presence
-penalties; temperature and top-p come later, in :mod:`service.engine.sampling`. Logprobs are read
-from the raw model distribution, before any of this (vLLM's default ``raw_logprobs``).
+penalties, then the grammar's token mask (structured outputs, tool calls); temperature and top-p
+come later, in :mod:`service.engine.sampling`. Logprobs are read from the raw model distribution,
+before any of this (vLLM's default ``raw_logprobs``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+
+from service.engine.grammar import grammar_processor
 
 if TYPE_CHECKING:
     from service.engine.sequence import Sequence
@@ -40,6 +43,8 @@ def processors_for(seq: Sequence) -> list[LogitsProcessor]:
                 seq.prompt_ids, params.repetition_penalty, params.frequency_penalty, params.presence_penalty
             )
         )
+    if params.grammar is not None:
+        processors.append(grammar_processor(params.grammar))
     return processors
 
 

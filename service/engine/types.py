@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.engine.grammar import Grammar
 
 
 class FinishReason(StrEnum):
@@ -28,6 +32,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1 is none; over prompt and output tokens
     frequency_penalty: float = 0.0  # per occurrence in the output
     presence_penalty: float = 0.0  # once per token present in the output
+    grammar: Grammar | None = None  # constrained decoding (applied last): only what it allows next
     # Logprobs from the raw model distribution (before processors, temperature and top-p).
     logprobs: int | None = None  # None: none; k: each generated token's, with the k most likely
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
