@@ -1,7 +1,8 @@
 """The engine's crash barrier, on a real engine and a tiny real model: a fault injected into one
-stage of a scheduler step (tokenizer, forward pass, logits, KV-cache surgery) ends only the requests
-it touched, is counted, and the scheduler goes on; a thread killed on purpose leaves a dead engine
-that says why and refuses new work; a stuck thread still cannot hold a request past its deadline."""
+stage of a scheduler step (tokenizer, forward pass, logits and their processors, KV-cache surgery)
+ends only the requests it touched, is counted, and the scheduler goes on; a thread killed on purpose
+leaves a dead engine that says why and refuses new work; a stuck thread still cannot hold a request
+past its deadline."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from service.engine import Engine, EngineDeadError, FinishReason, SamplingParams
+from service.engine import Engine, EngineDeadError, FinishReason, SamplingParams, sequence
 from service.engine.batch import HandleBatch
 from service.handle import ModelHandle
 from service.metrics import ENGINE_HEALTHY, ENGINE_STEP_FAILURES_TOTAL, ServingMetrics
@@ -200,6 +201,48 @@ async def test_nan_logits_end_only_their_row(
 
     assert not armed
     assert broken.result.finish_reason is FinishReason.ERROR and "NaN" in (broken.result.error or "")
+    assert ok.token_ids == alone[1].token_ids  # the other row of the same step went on untouched
+    assert failures(metrics, "sample") == 1
+    await assert_still_serving(engine, handle, reference)
+
+
+async def test_a_logits_processor_fault_ends_only_its_row(
+    engine: Engine,
+    handle: ModelHandle,
+    metrics: ServingMetrics,
+    patch_forward: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    jobs = [(ids(handle, PROMPTS[0]), dataclasses.replace(LONG, seed=7)), (ids(handle, PROMPTS[1]), TOKENS)]
+    alone = [await run_alone(engine, handle, *job) for job in jobs]
+    reference = await run_alone(engine, handle, jobs[0][0], TOKENS)
+    rows_in_step = 0
+    armed = True
+
+    def record_rows(original: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal rows_in_step
+        rows_in_step = kwargs["input_ids"].shape[0]
+        return original(*args, **kwargs)
+
+    def raise_in_a_shared_step(output_ids: list[int], scores: Any) -> Any:
+        nonlocal armed
+        if armed and rows_in_step == 2:
+            armed = False
+            raise RuntimeError("grammar matcher in an unexpected state")
+        return scores
+
+    real = sequence.processors_for
+    monkeypatch.setattr(
+        sequence,
+        "processors_for",
+        lambda seq: [raise_in_a_shared_step] if seq.params.seed == 7 else real(seq),
+    )
+    patch_forward(record_rows)
+    broken, ok = await sharing_steps(engine, handle, *jobs)
+
+    assert not armed
+    assert broken.result.finish_reason is FinishReason.ERROR
+    assert "unexpected state" in (broken.result.error or "")
     assert ok.token_ids == alone[1].token_ids  # the other row of the same step went on untouched
     assert failures(metrics, "sample") == 1
     await assert_still_serving(engine, handle, reference)

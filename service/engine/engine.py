@@ -251,17 +251,19 @@ class Engine:
         except Exception as exc:  # e.g. infinite probabilities from a broken model
             self._fail("sample", seqs, exc)
             return
-        if nan := [seq for seq, token in zip(seqs, tokens, strict=True) if token is None]:
-            self._fail("sample", nan, FloatingPointError("the model produced NaN logits"))
         eos_ids = self._runner.eos_ids(handle)
         now = time.monotonic()
+        emitted = 0
         for seq, token, scored in zip(seqs, tokens, logprobs, strict=True):
-            if token is not None:
-                try:
-                    self._output.emit(seq, token, token in eos_ids, now, scored)
-                except Exception as exc:  # the tokenizer failed on this request's text
-                    self._fail("detokenize", [seq], exc)
-        self._metrics.generated(handle.info.model_id, len(seqs) - len(nan))
+            if isinstance(token, Exception):  # NaN logits or a logits processor raised, in this row alone
+                self._fail("sample", [seq], token)
+                continue
+            emitted += 1
+            try:
+                self._output.emit(seq, token, token in eos_ids, now, scored)
+            except Exception as exc:  # the tokenizer failed on this request's text
+                self._fail("detokenize", [seq], exc)
+        self._metrics.generated(handle.info.model_id, emitted)
 
     def _retire(self, handle: ModelHandle) -> None:
         """End the sequences of ``handle`` that finished, cutting them out of the batch."""

@@ -48,20 +48,28 @@ def processors_for(seq: Sequence) -> list[LogitsProcessor]:
     return processors
 
 
-def apply_logits_processors(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def apply_logits_processors(
+    logits: torch.Tensor, seqs: list[Sequence]
+) -> tuple[torch.Tensor, dict[int, Exception]]:
     """``logits`` ``[rows, vocab]`` with each row passed through its sequence's processors (the
-    same tensor when no row has any; else a float32 copy)."""
+    same tensor when no row has any; else a float32 copy), and the rows whose processors raised,
+    with what they raised: those rows must not be sampled, and only their requests end."""
     rows = [row for row, seq in enumerate(seqs) if seq.logits_processors]
     if not rows:
-        return logits
+        return logits, {}
     logits = logits.to(torch.float32, copy=True)  # the rows are changed in place below
+    failed: dict[int, Exception] = {}
     for row in rows:
         seq = seqs[row]
         scores = logits[row]
-        for processor in seq.logits_processors:
-            scores = processor(seq.output_ids, scores)
+        try:
+            for processor in seq.logits_processors:
+                scores = processor(seq.output_ids, scores)
+        except Exception as exc:  # e.g. a grammar matcher in a state it cannot mask from
+            failed[row] = exc
+            continue
         logits[row] = scores
-    return logits
+    return logits, failed
 
 
 def _logit_bias(bias: tuple[tuple[int, float], ...]) -> LogitsProcessor:

@@ -58,15 +58,16 @@ class ModelRunner:
         batch = self._batches[handle]
         return list(batch.seqs), batch.decode()
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
-        """One token per row, after each row's logits processors; None where the row's logits hold NaN
-        (that request alone must end)."""
-        logits = apply_logits_processors(logits, seqs)
-        nan_rows = torch.isnan(logits).any(dim=-1)
-        if not bool(nan_rows.any()):
-            return sample_next_tokens(logits, seqs)
-        keep = (~nan_rows).nonzero().flatten().tolist()
-        tokens: list[int | None] = [None] * len(seqs)
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | Exception]:
+        """One token per row, after each row's logits processors; in place of the token, the error of
+        a row whose processors raised or whose logits hold NaN (that request alone must end)."""
+        logits, failed = apply_logits_processors(logits, seqs)
+        for row in torch.isnan(logits).any(dim=-1).nonzero().flatten().tolist():
+            failed.setdefault(row, FloatingPointError("the model produced NaN logits"))
+        if not failed:
+            return list(sample_next_tokens(logits, seqs))
+        keep = [row for row in range(len(seqs)) if row not in failed]
+        tokens: list[int | Exception] = [failed.get(row, 0) for row in range(len(seqs))]
         if keep:
             sampled = sample_next_tokens(logits[keep], [seqs[row] for row in keep])
             for row, token in zip(keep, sampled, strict=True):
@@ -74,17 +75,17 @@ class ModelRunner:
         return tokens
 
     def logprobs(
-        self, logits: torch.Tensor, seqs: list[Sequence], tokens: list[int | None]
+        self, logits: torch.Tensor, seqs: list[Sequence], tokens: list[int | Exception]
     ) -> list[RawLogprobs | None]:
         """For each row whose request asked for logprobs (and got a token): the chosen token's and the
         top k from the raw distribution of ``logits`` (the scores before any logits processor)."""
-        rows = [r for r, s in enumerate(seqs) if s.params.logprobs is not None and tokens[r] is not None]
+        rows = [r for r, s in enumerate(seqs) if s.params.logprobs is not None and isinstance(tokens[r], int)]
         out: list[RawLogprobs | None] = [None] * len(seqs)
         if rows:
             logprobs = logits[rows].float().log_softmax(-1)
             for i, row in enumerate(rows):
                 token, k = tokens[row], seqs[row].params.logprobs
-                assert token is not None and k is not None
+                assert isinstance(token, int) and k is not None
                 out[row] = position_logprobs(logprobs[i], token, k)
         return out
 
