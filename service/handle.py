@@ -24,6 +24,16 @@ class ToolsUnsupportedError(ValueError):
 
 
 @dataclass(frozen=True)
+class FastPath:
+    """Which kernel serves the model's linear layers: None is PyTorch's, as loaded; ``layers`` is how
+    many the kernel serves, ``reason`` why it serves none or only some (see ``lifecycle.fast_path``)."""
+
+    kernel: str | None
+    layers: int = 0
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What ``GET /model`` reports about a loaded model."""
 
@@ -36,6 +46,7 @@ class ModelInfo:
     loaded_at: datetime
     path: str = ""
     context_length: int | None = None
+    fast_path: FastPath = FastPath(None, reason="not tried yet")
 
 
 @dataclass(eq=False)

@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads for PyTorch; unset leaves PyTorch's default."
     )
+    fast_path: bool = Field(
+        True,
+        description="On CPU, serve a model converted from a Q4_1 GGUF (the bundled one) from its Q4_1 "
+        "blocks with an AVX-512 kernel built on first use (same weights, 5 bits read per weight); GET "
+        "/model says whether it applies and why not.",
+    )
     max_model_bytes: int | None = Field(
         None,
         ge=1,

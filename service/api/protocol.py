@@ -238,6 +238,12 @@ class DeployRequest(_Strict):
     revision: str | None = Field(None, min_length=1, max_length=256)
 
 
+class FastPathInfo(BaseModel):
+    kernel: Literal["q4_1"] | None = Field(description="Kernel serving the linear layers; null: PyTorch's.")
+    layers: int = Field(description="Linear layers the kernel serves.")
+    reason: str | None = Field(description="Why the kernel serves none or only some of them.")
+
+
 class ModelInfoResponse(BaseModel):
     model_id: str
     revision: str | None
@@ -247,6 +253,7 @@ class ModelInfoResponse(BaseModel):
     parameters: int
     context_length: int | None
     loaded_at: str
+    fast_path: FastPathInfo
 
 
 class Progress(BaseModel):

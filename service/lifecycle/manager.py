@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import threading
@@ -22,8 +23,8 @@ from typing import Any, TypeVar
 
 from opentelemetry import trace
 
-from service.handle import ModelHandle
-from service.lifecycle import loader, sources
+from service.handle import FastPath, ModelHandle
+from service.lifecycle import fast_path, loader, sources
 from service.lifecycle.bundled import BundledModelMissingError
 from service.lifecycle.deployment import TERMINAL_PHASES, Deployment, Phase
 from service.lifecycle.events import EventHub, EventType, ProgressPublisher
@@ -282,9 +283,15 @@ class ModelManager:
         handle = await _in_daemon_thread(
             lambda: loader.load(model_dir, source, device=device, dtype=dtype, on_progress=publish_load)
         )
-        self._track_resident(handle)
         self._check_not_stopping()
         self._enter(deployment, Phase.WARMING)
+        if s.fast_path:
+            fast = await _in_daemon_thread(lambda: fast_path.install(handle.model, model_dir, s.cache_dir))
+        else:
+            fast = FastPath(None, reason="turned off (SERVING_FAST_PATH=false)")
+        handle.info = dataclasses.replace(handle.info, fast_path=fast)
+        log.info("fast path", extra={"deployment": deployment.id, **dataclasses.asdict(fast)})
+        self._track_resident(handle)
         await _in_daemon_thread(loader.warm_up, handle)
         self._check_not_stopping()
         return handle
@@ -369,4 +376,5 @@ def model_info_dict(handle: ModelHandle) -> dict[str, Any]:
         "parameters": i.parameters,
         "context_length": i.context_length,
         "loaded_at": i.loaded_at.isoformat(),
+        "fast_path": dataclasses.asdict(i.fast_path),
     }
