@@ -163,3 +163,43 @@ def install_in_hub_cache(model_dir: Path, hf_home: Path, repo_id: str, revision:
     (repo_dir / "refs").mkdir(exist_ok=True)
     (repo_dir / "refs" / "main").write_text(revision)
     return snapshot
+
+
+def quantize_q4_1(weight):
+    """llama.cpp's ``quantize_row_q4_1`` in PyTorch: ``[N, K]`` float weights -> Q4_1 blocks
+    ``[N, K/32, 20]`` uint8 (per 32 weights: fp16 scale ``(max - min) / 15``, fp16 ``min``, 16 bytes of
+    nibbles, weights 0-15 low and 16-31 high)."""
+    import torch
+
+    groups = weight.float().reshape(weight.shape[0], -1, 32)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    d = ((high - low) / 15).half()
+    m = low.half()
+    q = torch.where(d.float() > 0, (groups - m.float()) / d.float(), 0).round().clamp(0, 15).to(torch.uint8)
+    nibbles = q[..., :16] | (q[..., 16:] << 4)
+    return torch.cat([d.view(torch.uint8), m.view(torch.uint8), nibbles], dim=-1)
+
+
+def build_q4_1_model(out_dir: Path, *, seed: int) -> Path:
+    """A tiny Llama as a Q4_1 GGUF's conversion leaves it: every linear layer's weights are the bf16
+    expansion of Q4_1 blocks, which lie beside them in ``q4_1.safetensors`` (the fast path's input)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from service.kernels.q4_1 import dequantize_reference
+    from service.lifecycle.fast_path import BLOCKS_FILE
+
+    build_tiny_model(out_dir, seed=seed)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.bfloat16)
+    blocks = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                # Wider than the random init, as trained weights are: peaked logits, stable greedy picks.
+                blocks[name] = quantize_q4_1(module.weight.float() * 8)
+                module.weight.copy_(dequantize_reference(blocks[name]))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    save_file(blocks, str(out_dir / BLOCKS_FILE))
+    return out_dir

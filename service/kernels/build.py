@@ -58,12 +58,15 @@ def load(source: Path, flags: list[str], needs: set[str], cache_dir: Path) -> ct
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            result = subprocess.run(
-                [cc, *flags, "-shared", "-fPIC", str(source), "-o", tmp],
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
+            try:
+                result = subprocess.run(
+                    [cc, *flags, "-shared", "-fPIC", str(source), "-o", tmp],
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                )
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise KernelUnavailableError(f"cannot run the C compiler {cc}: {exc}") from exc
             if result.returncode != 0:
                 error = result.stderr.strip()[-500:]
                 raise KernelUnavailableError(f"{cc} failed to build {source.name}: {error}")

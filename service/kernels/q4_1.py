@@ -9,6 +9,7 @@ bandwidth: 270 MB of bf16 weights per token for a 135M model). Layout and roundi
 from __future__ import annotations
 
 import ctypes
+import threading
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ CPU_NEEDS = {"avx512f", "avx512bw", "avx512vl", "f16c"}
 BLOCK, BLOCK_BYTES = 32, 20
 #: From this many rows on (prefill, big batches) the layer expands its weights to bf16 and lets
 #: PyTorch's GEMM run: faster there than the kernel, and bit-identical to the bf16 model.
-GEMM_ROWS = 16
+GEMM_ROWS = 12
 
 
 class Q4_1Kernels:
@@ -39,6 +40,7 @@ class Q4_1Kernels:
         lib.q4_1_dequantize.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
         lib.q4_1_dequantize.restype = None
         self._lib = lib
+        self._scratch = threading.local()
 
     def linear(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """``x`` ``[M, K]`` bf16 contiguous, ``blocks`` ``[N, K/32, 20]`` uint8; returns ``[M, N]`` bf16."""
@@ -51,13 +53,22 @@ class Q4_1Kernels:
             raise MemoryError("the Q4_1 kernel could not allocate its activation buffer")
         return y
 
-    def dequantize(self, blocks: torch.Tensor) -> torch.Tensor:
-        """The ``[N, K]`` bf16 weights that ``blocks`` ``[N, K/32, 20]`` hold."""
+    def dequantize(self, blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The ``[N, K]`` bf16 weights that ``blocks`` ``[N, K/32, 20]`` hold (into ``out`` if given)."""
         n, groups = blocks.shape[0], blocks.shape[1]
-        out = torch.empty(n, groups * BLOCK, dtype=torch.bfloat16)
+        if out is None:
+            out = torch.empty(n, groups * BLOCK, dtype=torch.bfloat16)
         threads = torch.get_num_threads()
         self._lib.q4_1_dequantize(blocks.data_ptr(), n, groups * BLOCK, out.data_ptr(), threads)
         return out
+
+    def scratch(self, elements: int) -> torch.Tensor:
+        """A bf16 buffer of ``elements``, reused by this thread: expanding a layer's weights into memory
+        already mapped (and likely cached) spares a page fault per 4 KiB on every call."""
+        buffer = getattr(self._scratch, "buffer", None)
+        if buffer is None or buffer.numel() < elements:
+            buffer = self._scratch.buffer = torch.empty(elements, dtype=torch.bfloat16)
+        return buffer[:elements]
 
 
 def dequantize_reference(blocks: torch.Tensor) -> torch.Tensor:
@@ -98,7 +109,9 @@ class Q4_1Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] >= GEMM_ROWS or x.dtype != torch.bfloat16:
-            return torch.nn.functional.linear(x, self.expanded_weight().to(x.dtype))
+            scratch = self._kernels.scratch(self.out_features * self.in_features)
+            weight = self._kernels.dequantize(self.blocks, scratch.view(self.out_features, self.in_features))
+            return torch.nn.functional.linear(x, weight.to(x.dtype))
         return self._kernels.linear(rows.contiguous(), self.blocks).reshape(*x.shape[:-1], self.out_features)
 
     def expanded_weight(self) -> torch.Tensor:

@@ -108,23 +108,32 @@ def install(model: Any, model_dir: Path, cache_dir: Path) -> FastPath:
     for name, blocks in load_file(str(path)).items():
         parent, _, child = name.rpartition(".")
         linear = model.get_submodule(name)
-        layer = Q4_1Linear(blocks, kernels)
-        if not isinstance(linear, torch.nn.Linear) or not torch.equal(layer.expanded_weight(), linear.weight):
+        if not isinstance(linear, torch.nn.Linear) or not _expands_to(kernels, blocks, linear.weight):
             mismatched.append(name)
             continue
+        layer = Q4_1Linear(blocks, kernels)
         setattr(model.get_submodule(parent), child, layer)
         swapped += 1
     if swapped:
-        _release_loaded_weights(model)
+        gc.collect()
+        with contextlib.suppress(OSError):  # not glibc
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the freed copies back to the OS
     reason = f"{len(mismatched)} layers' blocks do not expand to their weights: {mismatched[:3]}"
     return FastPath("q4_1" if swapped else None, swapped, reason if mismatched else None)
 
 
-def _release_loaded_weights(model: Any) -> None:
-    """Copy the parameters still in use out of the weights file's memory map, so the map (with the bf16
-    weights the blocks replaced) is unmapped, and hand freed heap back to the OS."""
-    for tensor in [*model.parameters(), *model.buffers()]:
-        tensor.data = tensor.data.clone()
-    gc.collect()
-    with contextlib.suppress(OSError):  # not glibc
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+def _expands_to(kernels: Any, blocks: Any, weight: Any) -> bool:
+    """Whether the first, middle and last rows of ``blocks`` expand to those rows of ``weight``.
+
+    Conversion checked every weight (:func:`write_blocks`); this catches a stale or foreign blocks file
+    without reading the rest of the bf16 weights, which stay unread in the file's memory map (reading
+    them all would hold both copies in memory at once).
+    """
+    import torch
+
+    from service.kernels.q4_1 import BLOCK
+
+    if blocks.shape[0] != weight.shape[0] or blocks.shape[1] * BLOCK != weight.shape[1]:
+        return False
+    rows = torch.tensor(sorted({0, weight.shape[0] // 2, weight.shape[0] - 1}))
+    return torch.equal(kernels.dequantize(blocks[rows].contiguous()), weight[rows])
