@@ -7,8 +7,9 @@ GGUF (built once, benchmarks/llama_cpp.py), and ``transformers serve`` with and 
 targets as ratios, and writes benchmarks/results/serving.{md,json,png}; then the deploy latency
 figure (benchmarks/deploy_latency.py), the token gap of running streams while a 1 MiB prompt is
 admitted (benchmarks/tokenize_stall.py) and greedy reproducibility under batch sharing, bf16 vs
-float32 (benchmarks/batch_invariance.py), and the per-token cost of constrained decoding for each
-grammar library installed (benchmarks/grammar_overhead.py).
+float32 (benchmarks/batch_invariance.py), the CPU fast path against the bf16 model it stands in for
+(benchmarks/fast_path.py), and the per-token cost of constrained decoding for each grammar library
+installed (benchmarks/grammar_overhead.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from benchmarks import (
     batch_invariance,
     deploy_latency,
+    fast_path,
     grammar_overhead,
     inprocess,
     llama_cpp,
@@ -101,6 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--skip-grammar", action="store_true", help="leave out the constrained-decoding overhead"
     )
+    parser.add_argument(
+        "--skip-fast-path", action="store_true", help="leave out the fast path against the bf16 model"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
 
@@ -142,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
         run_system(system, argv_peer, ready, port, str(model_dir), args.concurrency, args, rows)
 
     notes.append(
-        f"SmolLM2-135M-Instruct on CPU: ours and the in-process rows in bf16, {report.LLAMA} on the "
+        f"SmolLM2-135M-Instruct on CPU: the in-process rows in bf16, ours on the same bf16 weights served "
+        f"from the GGUF's blocks (the fast path, where it applies), {report.LLAMA} on the "
         f"Q4_1 GGUF (-np 8 -c 8192); {args.threads} threads, {NEW_TOKENS} new tokens, "
         f"temperature 0, streaming; in-process prefill of the {len(prompt)}-token prompt: {prefill_s:.3f}s; "
         "in-process TTFT columns show the prefill time; peak RSS is the whole server process tree."
@@ -165,6 +171,9 @@ def main(argv: list[str] | None = None) -> None:
         tokenize_stall.main(common)
     if not args.skip_batch_invariance:
         batch_invariance.main(common)
+    if not args.skip_fast_path:
+        print("CPU fast path (GGUF blocks) against the bf16 model: answers, step agreement, speed", flush=True)
+        fast_path.main(common)
     if not args.skip_grammar:
         print("constrained decoding: per-token mask overhead by grammar library", flush=True)
         grammar_overhead.main([])

@@ -1,7 +1,7 @@
 """The CPU fast path against the bf16 model it stands in for: same answers? how much faster?
 
 ``python -m benchmarks.fast_path``. Loads the bundled model twice in this process: as loaded (bf16,
-PyTorch's GEMM) and with the Q4_1 kernel serving its linear layers (``service.lifecycle.fast_path``).
+PyTorch's GEMM) and with the GGUF-block kernel serving its linear layers (``service.lifecycle.fast_path``).
 
 - Answers: 20 short questions, 24 greedy tokens each; how many texts are identical, and whether every
   answer to the France question says Paris.
@@ -9,7 +9,8 @@ PyTorch's GEMM) and with the Q4_1 kernel serving its linear layers (``service.li
   forcing, so one early difference does not hide the rest); at how many decode steps its greedy pick
   differs, and the bf16 model's own margin between its top two logits at those steps. The kernel
   multiplies by the very same weights and only sums in another order, so picks can differ only where
-  the two best tokens are within rounding of each other.
+  the two best tokens are within rounding of each other. For scale, the same count for the bf16 model
+  and for the fast path against float32 arithmetic on the same weights.
 - Speed: decode steps per second at batch 1 (median of 5 runs of 64 steps) and prefill of the
   serving benchmark's prompt, each as fast / bf16 from the same run.
 
@@ -133,11 +134,17 @@ def measure(threads: int, cache_dir: Path) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
     fast = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    exact = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     report = fast_path.install(fast, model_dir, cache_dir)
     if report.kernel is None:
         return {"fast_path": report.reason}
     bf16, q4 = answers(reference, tokenizer), answers(fast, tokenizer)
     margins = step_disagreements(reference, fast, tokenizer, bf16)
+    float32 = answers(exact, tokenizer)
+    against_float32 = {
+        name: len(step_disagreements(exact, m, tokenizer, float32))
+        for name, m in (("bf16", reference), ("fast", fast))
+    }
     prompt = list(tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, return_dict=False))
     speed = {name: decode_steps_per_s(m, prompt) for name, m in (("bf16", reference), ("fast", fast))}
     prefill = {name: prefill_s(m, prompt) for name, m in (("bf16", reference), ("fast", fast))}
@@ -150,6 +157,8 @@ def measure(threads: int, cache_dir: Path) -> dict[str, Any]:
         "steps": sum(len(a) for a in bf16),
         "step_disagreements": len(margins),
         "largest_margin_at_a_disagreement": max(margins, default=0.0),
+        "float32_steps": sum(len(a) for a in float32),
+        "step_disagreements_with_float32": against_float32,
         "decode_steps_per_s": speed,
         "prefill_s": prefill,
         "prompt_tokens": len(prompt),
@@ -165,7 +174,8 @@ def markdown(result: dict[str, Any]) -> str:
         return f"fast path: not measured ({result['fast_path']})\n"
     r = result
     lines = [
-        f"Q4_1 kernel on {r['layers']} linear layers, {r['threads']} threads:",
+        f"GGUF-block kernel on {', '.join(f'{n} {fmt}' for fmt, n in r['layers'].items())} linear layers, "
+        f"{r['threads']} threads:",
         "",
         "| figure | bf16 (as loaded) | fast path | fast / bf16 |",
         "| --- | ---: | ---: | ---: |",
@@ -179,6 +189,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"- teacher-forced decode steps whose greedy pick differs: {r['step_disagreements']} of "
         f"{r['steps']}; the bf16 model's own top-2 logit margin there is at most "
         f"{r['largest_margin_at_a_disagreement']:.3f}",
+        f"- against float32 arithmetic on the same weights (its own answers fed back): the bf16 model's "
+        f"pick differs at {r['step_disagreements_with_float32']['bf16']} and the fast path's at "
+        f"{r['step_disagreements_with_float32']['fast']} of {r['float32_steps']} steps",
     ]
     return "\n".join(lines) + "\n"
 

@@ -25,11 +25,12 @@ class ToolsUnsupportedError(ValueError):
 
 @dataclass(frozen=True)
 class FastPath:
-    """Which kernel serves the model's linear layers: None is PyTorch's, as loaded; ``layers`` is how
-    many the kernel serves, ``reason`` why it serves none or only some (see ``lifecycle.fast_path``)."""
+    """Which kernel serves the model's linear layers: None is PyTorch's, as loaded; ``layers`` counts
+    the layers it serves by block format, ``reason`` says why it serves none or only some of them
+    (see ``lifecycle.fast_path``)."""
 
     kernel: str | None
-    layers: int = 0
+    layers: dict[str, int] = field(default_factory=dict)
     reason: str | None = None
 
 

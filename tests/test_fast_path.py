@@ -1,4 +1,4 @@
-"""The CPU fast path: Q4_1 blocks served by the AVX-512 kernel in place of their bf16 expansion.
+"""The CPU fast path: GGUF blocks served by the AVX-512 kernel in place of their bf16 expansion.
 
 The kernel is compiled here with the machine's C compiler; on a CPU without AVX-512 the tests that
 need it are skipped with the reason and the fallback test shows the model still serves.
@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 
+from service.handle import FastPath
 from service.kernels.build import KernelUnavailableError
-from service.kernels.q4_1 import GEMM_ROWS, Q4_1Kernels, Q4_1Linear, dequantize_reference
+from service.kernels.gguf_blocks import GEMM_ROWS, BlockKernels, BlockLinear, dequantize_reference
 from service.lifecycle import fast_path, loader
 from service.lifecycle.sources import ModelSource, SourceKind
 from tests.server_process import running_server
-from tests.tiny_models import build_q4_1_model, quantize_q4_1
+from tests.tiny_models import build_gguf_blocks_model, quantize_q4_1, quantize_q8_0
 
 PROMPTS = [
     [{"role": "user", "content": "Hello! How can I help you today?"}],
@@ -29,21 +30,24 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def kernels(tmp_path_factory: pytest.TempPathFactory) -> Q4_1Kernels:
+def kernels(tmp_path_factory: pytest.TempPathFactory) -> BlockKernels:
     try:
-        return Q4_1Kernels(tmp_path_factory.mktemp("kernel-cache"))
+        return BlockKernels(tmp_path_factory.mktemp("kernel-cache"))
     except KernelUnavailableError as exc:
         pytest.skip(f"the Q4_1 kernel cannot run here: {exc}")
 
 
 @pytest.fixture(scope="module")
-def q4_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_q4_1_model(tmp_path_factory.mktemp("models") / "tiny-q4", seed=5)
+def blocks_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_gguf_blocks_model(tmp_path_factory.mktemp("models") / "tiny-gguf", seed=5)
 
 
-def random_blocks(rows: int, columns: int, seed: int = 0) -> torch.Tensor:
+QUANTIZERS = {"Q4_1": quantize_q4_1, "Q8_0": quantize_q8_0}
+
+
+def random_blocks(rows: int, columns: int, seed: int = 0, fmt: str = "Q4_1") -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return quantize_q4_1(torch.randn(rows, columns, generator=generator))
+    return QUANTIZERS[fmt](torch.randn(rows, columns, generator=generator))
 
 
 def load(model_dir: Path):
@@ -63,33 +67,39 @@ def greedy(handle, new_tokens: int = 16) -> list[list[int]]:
     return outputs
 
 
-def test_the_kernel_expands_blocks_to_exactly_the_reference_bf16_values(kernels: Q4_1Kernels) -> None:
-    blocks = random_blocks(64, 256)
+@pytest.mark.parametrize("fmt", QUANTIZERS)
+def test_the_kernel_expands_blocks_to_exactly_the_reference_bf16_values(
+    kernels: BlockKernels, fmt: str
+) -> None:
+    blocks = random_blocks(64, 256, fmt=fmt)
     assert torch.equal(kernels.dequantize(blocks), dequantize_reference(blocks))
 
 
-def test_the_reference_expansion_is_gguf_pys_dequantizer_rounded_to_bf16() -> None:
-    gguf_quants = pytest.importorskip("gguf.quants")
-    from gguf import GGMLQuantizationType
+@pytest.mark.parametrize("fmt", QUANTIZERS)
+def test_the_reference_expansion_is_gguf_pys_dequantizer_rounded_to_bf16(fmt: str) -> None:
+    from gguf import GGMLQuantizationType, quants
 
-    blocks = random_blocks(8, 64)
-    expected = gguf_quants.dequantize(blocks.numpy().reshape(8, -1), GGMLQuantizationType.Q4_1)
+    blocks = random_blocks(8, 64, fmt=fmt)
+    expected = quants.dequantize(blocks.numpy().reshape(8, -1), GGMLQuantizationType[fmt])
     expected_bf16 = torch.from_numpy(np.asarray(expected)).to(torch.bfloat16)
     assert torch.equal(dequantize_reference(blocks), expected_bf16)
 
 
+@pytest.mark.parametrize("fmt", QUANTIZERS)
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, GEMM_ROWS + 1])
-def test_a_q4_1_layer_computes_what_the_bf16_layer_computes(kernels: Q4_1Kernels, rows: int) -> None:
-    blocks = random_blocks(96, 128, seed=rows)
+def test_a_block_layer_computes_what_the_bf16_layer_computes(
+    kernels: BlockKernels, rows: int, fmt: str
+) -> None:
+    blocks = random_blocks(96, 128, seed=rows, fmt=fmt)
     x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     expected = torch.nn.functional.linear(x, dequantize_reference(blocks)).float()
-    got = Q4_1Linear(blocks, kernels)(x).float()
+    got = BlockLinear(blocks, kernels)(x).float()
     # Both sum exact products in fp32 and round to bf16; only the order of the sums differs.
     torch.testing.assert_close(got, expected, rtol=1.6e-2, atol=1e-2)
 
 
-def test_a_rows_result_does_not_depend_on_the_batch_it_runs_in(kernels: Q4_1Kernels) -> None:
-    layer = Q4_1Linear(random_blocks(64, 96), kernels)
+def test_a_rows_result_does_not_depend_on_the_batch_it_runs_in(kernels: BlockKernels) -> None:
+    layer = BlockLinear(random_blocks(64, 96), kernels)
     x = torch.randn(GEMM_ROWS - 1, 96, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     batched = layer(x)
     for row in range(x.shape[0]):
@@ -97,86 +107,86 @@ def test_a_rows_result_does_not_depend_on_the_batch_it_runs_in(kernels: Q4_1Kern
 
 
 def test_the_fast_path_swaps_every_layer_and_greedy_tokens_match_the_bf16_model(
-    kernels: Q4_1Kernels, q4_model: Path, tmp_path: Path
+    kernels: BlockKernels, blocks_model: Path, tmp_path: Path
 ) -> None:
-    handle = load(q4_model)
+    handle = load(blocks_model)
     expected = greedy(handle)
-    report = fast_path.install(handle.model, q4_model, tmp_path)
-    assert report.kernel == "q4_1" and report.reason is None
-    assert report.layers == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
-    assert sum(isinstance(m, Q4_1Linear) for m in handle.model.modules()) == report.layers
+    report = fast_path.install(handle.model, blocks_model, tmp_path)
+    # q, k, v, o, gate, up, down in each of the 2 layers; the lm head (tied to the embedding).
+    assert report == FastPath("gguf_blocks", {"Q4_1": 2 * 7, "Q8_0": 1})
+    assert sum(isinstance(m, BlockLinear) for m in handle.model.modules()) == 15
     assert greedy(handle) == expected
 
 
 def test_blocks_that_do_not_expand_to_a_layers_weights_leave_that_layer_alone(
-    kernels: Q4_1Kernels, q4_model: Path, tmp_path: Path
+    kernels: BlockKernels, blocks_model: Path, tmp_path: Path
 ) -> None:
     from safetensors.torch import load_file, save_file
 
     copy = tmp_path / "model"
     copy.mkdir()
-    for file in q4_model.iterdir():
+    for file in blocks_model.iterdir():
         (copy / file.name).write_bytes(file.read_bytes())
     blocks = load_file(str(copy / fast_path.BLOCKS_FILE))
     blocks["model.layers.1.mlp.up_proj"][0, 0, 4] ^= 0x11  # two weights of one block change
     save_file(blocks, str(copy / fast_path.BLOCKS_FILE))
     handle = load(copy)
     report = fast_path.install(handle.model, copy, tmp_path)
-    assert report.kernel == "q4_1" and report.layers == 13
+    assert report.kernel == "gguf_blocks" and report.layers == {"Q4_1": 13, "Q8_0": 1}
     assert "model.layers.1.mlp.up_proj" in (report.reason or "")
     assert isinstance(handle.model.get_submodule("model.layers.1.mlp.up_proj"), torch.nn.Linear)
 
 
 def test_without_blocks_a_compiler_or_bf16_the_model_serves_as_loaded(
-    q4_model: Path, tiny_model_a: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    blocks_model: Path, tiny_model_a: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     plain = load(tiny_model_a)
     report = fast_path.install(plain.model, tiny_model_a, tmp_path)
-    assert report.kernel is None and "no Q4_1 blocks" in (report.reason or "")
+    assert report.kernel is None and "no GGUF blocks" in (report.reason or "")
 
     monkeypatch.setenv("CC", "false")  # a compiler that fails, in a cache with no built kernel
-    handle = load(q4_model)
-    report = fast_path.install(handle.model, q4_model, tmp_path / "empty-cache")
+    handle = load(blocks_model)
+    report = fast_path.install(handle.model, blocks_model, tmp_path / "empty-cache")
     assert report.kernel is None and "kernel unavailable" in (report.reason or "")
-    assert not any(isinstance(m, Q4_1Linear) for m in handle.model.modules())
+    assert not any(isinstance(m, BlockLinear) for m in handle.model.modules())
 
     handle.model.float()
-    report = fast_path.install(handle.model, q4_model, tmp_path)
+    report = fast_path.install(handle.model, blocks_model, tmp_path)
     assert report.kernel is None and "float32" in (report.reason or "")
 
 
 def test_gguf_blocks_are_matched_to_layers_through_llamas_q_and_k_row_order(
-    kernels: Q4_1Kernels, q4_model: Path, tmp_path: Path
+    kernels: BlockKernels, blocks_model: Path, tmp_path: Path
 ) -> None:
     """llama.cpp's converter permutes q and k rows for its rotary layout; ``write_blocks`` undoes it."""
     from gguf import GGMLQuantizationType, GGUFWriter
     from safetensors.torch import load_file
 
-    handle = load(q4_model)
+    handle = load(blocks_model)
     config = handle.model.config
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
     names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "mlp.down_proj": "ffn_down"}
-    expected = load_file(str(q4_model / fast_path.BLOCKS_FILE))
+    expected = load_file(str(blocks_model / fast_path.BLOCKS_FILE))
     writer = GGUFWriter(str(tmp_path / "tiny.gguf"), "llama")
     for name, blocks in expected.items():
         layer, _, module = name.removeprefix("model.layers.").partition(".")
-        if module not in names:
+        if name == "lm_head":
+            gguf_name, fmt, stored = "token_embd.weight", GGMLQuantizationType.Q8_0, blocks
+        elif module in names:
+            kind = names[module]
+            stored = _permute(blocks, heads[kind]) if kind in heads else blocks
+            gguf_name, fmt = f"blk.{layer}.{kind}.weight", GGMLQuantizationType.Q4_1
+        else:
             continue
-        heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
-        heads = heads.get(names[module])
-        stored = blocks if heads is None else _permute(blocks, heads)
-        writer.add_tensor(
-            f"blk.{layer}.{names[module]}.weight",
-            stored.reshape(stored.shape[0], -1).numpy(),
-            raw_shape=(stored.shape[0], stored.shape[1] * 20),
-            raw_dtype=GGMLQuantizationType.Q4_1,
-        )
+        rows = stored.reshape(stored.shape[0], -1)
+        writer.add_tensor(gguf_name, rows.numpy(), raw_shape=tuple(rows.shape), raw_dtype=fmt)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
 
     written = fast_path.write_blocks(tmp_path / "tiny.gguf", handle.model, tmp_path / "blocks.safetensors")
-    assert written == 2 * len(names)
+    assert written == 2 * len(names) + 1
     for name, blocks in load_file(str(tmp_path / "blocks.safetensors")).items():
         assert torch.equal(blocks, expected[name])
 
@@ -187,8 +197,8 @@ def _permute(rows: torch.Tensor, heads: int) -> torch.Tensor:
     return rows.reshape(heads, 2, n // heads // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
 
 
-def test_get_model_says_which_kernel_serves_and_why_not(q4_model: Path, tmp_path: Path) -> None:
-    with running_server(tmp_path / "on", model=str(q4_model)) as server:
+def test_get_model_says_which_kernel_serves_and_why_not(blocks_model: Path, tmp_path: Path) -> None:
+    with running_server(tmp_path / "on", model=str(blocks_model)) as server:
         info = httpx.get(f"{server.base_url}/model").json()
         reply = httpx.post(
             f"{server.base_url}/completion", json={"messages": PROMPTS[0], "max_tokens": 4}, timeout=60
@@ -197,9 +207,13 @@ def test_get_model_says_which_kernel_serves_and_why_not(q4_model: Path, tmp_path
     if info["fast_path"]["kernel"] is None:
         assert "kernel unavailable" in info["fast_path"]["reason"]
     else:
-        assert info["fast_path"] == {"kernel": "q4_1", "layers": 14, "reason": None}
+        assert info["fast_path"] == {
+            "kernel": "gguf_blocks",
+            "layers": {"Q4_1": 14, "Q8_0": 1},
+            "reason": None,
+        }
     off = {"SERVING_FAST_PATH": "false"}
-    with running_server(tmp_path / "off", model=str(q4_model), env=off) as server:
+    with running_server(tmp_path / "off", model=str(blocks_model), env=off) as server:
         info = httpx.get(f"{server.base_url}/model").json()
     reason = "turned off (SERVING_FAST_PATH=false)"
-    assert info["fast_path"] == {"kernel": None, "layers": 0, "reason": reason}
+    assert info["fast_path"] == {"kernel": None, "layers": {}, "reason": reason}

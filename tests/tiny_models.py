@@ -180,13 +180,25 @@ def quantize_q4_1(weight):
     return torch.cat([d.view(torch.uint8), m.view(torch.uint8), nibbles], dim=-1)
 
 
-def build_q4_1_model(out_dir: Path, *, seed: int) -> Path:
-    """A tiny Llama as a Q4_1 GGUF's conversion leaves it: every linear layer's weights are the bf16
-    expansion of Q4_1 blocks, which lie beside them in ``q4_1.safetensors`` (the fast path's input)."""
+def quantize_q8_0(weight):
+    """llama.cpp's ``quantize_row_q8_0`` in PyTorch: ``[N, K]`` -> Q8_0 blocks ``[N, K/32, 34]`` uint8
+    (per 32 weights: fp16 scale ``max|w| / 127``, then 32 int8)."""
+    import torch
+
+    groups = weight.float().reshape(weight.shape[0], -1, 32)
+    d = (groups.abs().amax(-1, keepdim=True) / 127).half()
+    q = torch.where(d.float() > 0, groups / d.float(), 0).round().clamp(-127, 127).to(torch.int8)
+    return torch.cat([d.view(torch.uint8), q.view(torch.uint8)], dim=-1)
+
+
+def build_gguf_blocks_model(out_dir: Path, *, seed: int) -> Path:
+    """A tiny Llama as a GGUF's conversion leaves it: every decoder linear layer's weights are the
+    bf16 expansion of Q4_1 blocks, the tied embedding / lm head's of Q8_0 blocks, and the blocks lie
+    beside them in ``gguf_blocks.safetensors`` (the fast path's input), as the bundled model's do."""
     import torch
     from safetensors.torch import save_file
 
-    from service.kernels.q4_1 import dequantize_reference
+    from service.kernels.gguf_blocks import dequantize_reference
     from service.lifecycle.fast_path import BLOCKS_FILE
 
     build_tiny_model(out_dir, seed=seed)
@@ -196,9 +208,10 @@ def build_q4_1_model(out_dir: Path, *, seed: int) -> Path:
     blocks = {}
     with torch.no_grad():
         for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            if isinstance(module, torch.nn.Linear):
                 # Wider than the random init, as trained weights are: peaked logits, stable greedy picks.
-                blocks[name] = quantize_q4_1(module.weight.float() * 8)
+                quantize = quantize_q8_0 if name == "lm_head" else quantize_q4_1
+                blocks[name] = quantize(module.weight.float() * 8)
                 module.weight.copy_(dequantize_reference(blocks[name]))
     model.save_pretrained(out_dir, safe_serialization=True)
     save_file(blocks, str(out_dir / BLOCKS_FILE))

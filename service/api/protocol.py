@@ -239,8 +239,12 @@ class DeployRequest(_Strict):
 
 
 class FastPathInfo(BaseModel):
-    kernel: Literal["q4_1"] | None = Field(description="Kernel serving the linear layers; null: PyTorch's.")
-    layers: int = Field(description="Linear layers the kernel serves.")
+    kernel: Literal["gguf_blocks"] | None = Field(
+        description="Kernel serving the linear layers; null: PyTorch's, as loaded."
+    )
+    layers: dict[str, int] = Field(
+        description="Linear layers the kernel serves, by block format (Q4_1, Q8_0)."
+    )
     reason: str | None = Field(description="Why the kernel serves none or only some of them.")
 
 

@@ -1,16 +1,17 @@
-"""The CPU fast path: serve a model converted from a Q4_1 GGUF from its Q4_1 blocks, not its bf16 copy.
+"""The CPU fast path: serve a model converted from a GGUF from its llama.cpp blocks, not its bf16 copy.
 
 Decode at batch 1 on a CPU is bound by the bytes of weights read per token. The bundled model's
-bf16 weights are the exact dequantization of the GGUF's Q4_1 blocks, so converting it also keeps the
-blocks (``q4_1.safetensors`` beside the weights, keyed by module name), and deploying it swaps each
-such linear layer for :class:`~service.kernels.q4_1.Q4_1Linear` during warm-up, after checking that
-the blocks expand to that layer's weights bit for bit. Where anything is missing (another model, a
-GPU, no C compiler, a CPU without AVX-512, a mismatch), the model serves as loaded and
-:class:`FastPath` says why.
+bf16 weights are the exact dequantization of the GGUF's blocks (Q4_1 for the decoder layers, Q8_0
+for the tied embedding that is also the lm head), so converting it also keeps the blocks
+(``gguf_blocks.safetensors`` beside the weights, keyed by module name), and deploying it swaps each
+such linear layer for :class:`~service.kernels.gguf_blocks.BlockLinear` during warm-up. Where
+anything is missing (another model, a GPU, no C compiler, a CPU without AVX-512, a mismatch), the
+model serves as loaded and :class:`~service.handle.FastPath` says why.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import gc
@@ -23,7 +24,8 @@ from service.handle import FastPath
 log = logging.getLogger(__name__)
 
 #: The blocks' file inside a converted model folder.
-BLOCKS_FILE = "q4_1.safetensors"
+BLOCKS_FILE = "gguf_blocks.safetensors"
+KERNEL = "gguf_blocks"
 
 #: GGUF names in a llama-family block (``blk.<i>.<name>.weight``) -> module in ``model.layers.<i>``.
 _LLAMA_LINEARS = {
@@ -35,11 +37,14 @@ _LLAMA_LINEARS = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+#: Whole-model GGUF tensors -> module: the output head, or the embedding it is tied to.
+_HEAD = {"output.weight": "lm_head", "token_embd.weight": "lm_head"}
 
 
 def write_blocks(gguf_file: Path, model: Any, target: Path) -> int:
-    """Save the Q4_1 blocks of ``gguf_file`` whose expansion equals a linear layer of ``model`` (the bf16
-    model transformers made from that file) into the safetensors file ``target``; return how many.
+    """Save the Q4_1 and Q8_0 blocks of ``gguf_file`` whose expansion equals a linear layer of
+    ``model`` (the bf16 model transformers made from that file) into the safetensors file ``target``;
+    return how many. Every weight of every saved layer is checked.
 
     transformers reorders the rows of llama's q and k projections when it reads a GGUF (rotary
     layout); each tensor is tried as stored and reordered both ways, and kept only if it matches.
@@ -49,16 +54,17 @@ def write_blocks(gguf_file: Path, model: Any, target: Path) -> int:
     from gguf import GGUFReader
     from safetensors.torch import save_file
 
-    from service.kernels.q4_1 import BLOCK_BYTES, dequantize_reference, fits
+    from service.kernels.gguf_blocks import BlockFormat, dequantize_reference, fits
 
     config = model.config
     heads = {config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)}
+    formats = {fmt.name: fmt for fmt in BlockFormat}
     found: dict[str, torch.Tensor] = {}
     for tensor in GGUFReader(gguf_file).tensors:
-        parts = tensor.name.split(".")
-        if tensor.tensor_type.name != "Q4_1" or len(parts) != 4 or parts[2] not in _LLAMA_LINEARS:
+        name = _module_of(tensor.name)
+        fmt = formats.get(tensor.tensor_type.name)
+        if name is None or fmt is None or name in found:
             continue
-        name = f"model.layers.{parts[1]}.{_LLAMA_LINEARS[parts[2]]}"
         try:
             linear = model.get_submodule(name)
         except AttributeError:
@@ -66,7 +72,8 @@ def write_blocks(gguf_file: Path, model: Any, target: Path) -> int:
         if not fits(linear):
             continue
         rows = linear.out_features
-        blocks = torch.from_numpy(np.array(tensor.data, dtype=np.uint8)).reshape(rows, -1, BLOCK_BYTES)
+        data = np.array(tensor.data, dtype=np.uint8)
+        blocks = torch.from_numpy(data).reshape(rows, -1, fmt.block_bytes)
         candidates = [blocks] + [_unpermute(blocks, h) for h in sorted(heads) if rows % (2 * h) == 0]
         for candidate in candidates:
             if candidate.shape[1] * 32 == linear.in_features and torch.equal(
@@ -79,6 +86,13 @@ def write_blocks(gguf_file: Path, model: Any, target: Path) -> int:
     return len(found)
 
 
+def _module_of(gguf_name: str) -> str | None:
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LLAMA_LINEARS:
+        return f"model.layers.{parts[1]}.{_LLAMA_LINEARS[parts[2]]}"
+    return _HEAD.get(gguf_name)
+
+
 def _unpermute(rows: Any, heads: int) -> Any:
     """transformers' ``reverse_permute_weights`` for llama's q/k rows, applied to whole block rows."""
     n = rows.shape[0]
@@ -86,40 +100,43 @@ def _unpermute(rows: Any, heads: int) -> Any:
 
 
 def install(model: Any, model_dir: Path, cache_dir: Path) -> FastPath:
-    """Swap every linear layer of ``model`` that has Q4_1 blocks in ``model_dir`` for the kernel's
-    layer; return what was done. Never raises for a model it cannot speed up."""
+    """Swap every linear layer of ``model`` that has blocks in ``model_dir`` for the kernel's layer;
+    return what was done. Never raises for a model it cannot speed up."""
     import torch
 
     from service.kernels.build import KernelUnavailableError
-    from service.kernels.q4_1 import Q4_1Kernels, Q4_1Linear
+    from service.kernels.gguf_blocks import BlockKernels, BlockLinear
 
     path = model_dir / BLOCKS_FILE
     if not path.is_file():
-        return FastPath(None, reason="no Q4_1 blocks beside the weights (a Q4_1 GGUF's conversion has them)")
+        return FastPath(None, reason="no GGUF blocks beside the weights (a GGUF's conversion has them)")
     if model.device.type != "cpu" or model.dtype != torch.bfloat16:
         return FastPath(None, reason=f"the kernel serves bf16 on CPU, not {model.dtype} on {model.device}")
     try:
-        kernels = Q4_1Kernels(cache_dir)
+        kernels = BlockKernels(cache_dir)
     except KernelUnavailableError as exc:
-        return FastPath(None, reason=f"Q4_1 kernel unavailable: {exc}")
+        return FastPath(None, reason=f"kernel unavailable: {exc}")
     from safetensors.torch import load_file
 
-    swapped, mismatched = 0, []
+    swapped: collections.Counter[str] = collections.Counter()
+    mismatched = []
     for name, blocks in load_file(str(path)).items():
         parent, _, child = name.rpartition(".")
         linear = model.get_submodule(name)
         if not isinstance(linear, torch.nn.Linear) or not _expands_to(kernels, blocks, linear.weight):
             mismatched.append(name)
             continue
-        layer = Q4_1Linear(blocks, kernels)
-        setattr(model.get_submodule(parent), child, layer)
-        swapped += 1
+        layer = BlockLinear(blocks, kernels)
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        swapped[layer.format.name] += 1
     if swapped:
         gc.collect()
         with contextlib.suppress(OSError):  # not glibc
             ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the freed copies back to the OS
     reason = f"{len(mismatched)} layers' blocks do not expand to their weights: {mismatched[:3]}"
-    return FastPath("q4_1" if swapped else None, swapped, reason if mismatched else None)
+    return FastPath(
+        KERNEL if swapped else None, dict(sorted(swapped.items())), reason if mismatched else None
+    )
 
 
 def _expands_to(kernels: Any, blocks: Any, weight: Any) -> bool:
@@ -131,7 +148,7 @@ def _expands_to(kernels: Any, blocks: Any, weight: Any) -> bool:
     """
     import torch
 
-    from service.kernels.q4_1 import BLOCK
+    from service.kernels.gguf_blocks import BLOCK
 
     if blocks.shape[0] != weight.shape[0] or blocks.shape[1] * BLOCK != weight.shape[1]:
         return False

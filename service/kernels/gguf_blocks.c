@@ -1,0 +1,141 @@
+/* Matrix products over llama.cpp weight blocks that reproduce their bf16 dequantization bit for bit.
+ *
+ * A block holds 32 consecutive weights of a row, in ggml's layouts:
+ *   Q4_1 (20 bytes): fp16 scale d, fp16 minimum m, 16 bytes whose low nibbles are weights 0-15 and high
+ *                    nibbles 16-31; a weight is d * q + m.
+ *   Q8_0 (34 bytes): fp16 scale d, then 32 int8 q; a weight is q * d.
+ * The dequantizer that made the served bf16 weights (gguf-py, then torch) computed these in fp32 and
+ * rounded to bf16 (nearest even): this file does the same, compiled with -ffp-contract=off so that
+ * d * q + m stays two roundings, so the weights it multiplies are exactly the bf16 ones, read at 5 or
+ * 8.5 bits each instead of 16. Sums are fp32 (exact bf16 products, fused multiply-adds).
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define INLINE static inline __attribute__((always_inline))
+
+enum { Q4_1 = 0, Q8_0 = 1 };
+
+INLINE int64_t block_bytes(const int fmt) { return fmt == Q4_1 ? 20 : 34; }
+
+INLINE __m512 round_bf16(__m512 v) {
+    __m512i b = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    b = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    return _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+
+INLINE uint16_t to_bf16(float f) {
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    b += 0x7FFFu + ((b >> 16) & 1u);
+    return (uint16_t)(b >> 16);
+}
+
+INLINE float half_at(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* A block's 32 weights as two vectors of 16, exactly as the dequantizer rounded them. */
+INLINE void block_weights(const int fmt, const uint8_t *block, __m512 *w0, __m512 *w1) {
+    if (fmt == Q4_1) {
+        /* The 16 values the block can hold, bf16(d * q + m) for q = 0..15; a permute picks each
+           weight's by its nibble (it reads the low 4 bits of each index). */
+        const __m512 q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512 values = round_bf16(
+            _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(half_at(block)), q), _mm512_set1_ps(half_at(block + 2))));
+        const __m512i nibbles = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(block + 4)));
+        *w0 = _mm512_permutexvar_ps(nibbles, values);
+        *w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(nibbles, 4), values);
+    } else {
+        const __m512 d = _mm512_set1_ps(half_at(block));
+        const __m128i *q = (const __m128i *)(block + 2);
+        *w0 = round_bf16(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q))), d));
+        *w1 = round_bf16(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))), d));
+    }
+}
+
+/* NB output columns x R activation rows. Each output is summed in the same order whatever NB and R
+ * are, so a row's result does not depend on the batch it runs in. */
+INLINE void tile(const int fmt, const float *x, int64_t K, const uint8_t *w, int64_t N, uint16_t *y, int64_t n0,
+                 int64_t r0, const int NB, const int R) {
+    const int64_t G = K / 32;
+    __m512 acc[4][4][2];
+    for (int b = 0; b < NB; b++)
+        for (int r = 0; r < R; r++) acc[b][r][0] = acc[b][r][1] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        for (int b = 0; b < NB; b++) {
+            __m512 w0, w1;
+            block_weights(fmt, w + ((n0 + b) * G + g) * block_bytes(fmt), &w0, &w1);
+            for (int r = 0; r < R; r++) {
+                const float *xr = x + (r0 + r) * K + g * 32;
+                acc[b][r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), acc[b][r][0]);
+                acc[b][r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), acc[b][r][1]);
+            }
+        }
+    }
+    for (int b = 0; b < NB; b++)
+        for (int r = 0; r < R; r++)
+            y[(r0 + r) * N + n0 + b] = to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(acc[b][r][0], acc[b][r][1])));
+}
+
+INLINE void gemm(const int fmt, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, uint16_t *y,
+                 int threads) {
+    if (M <= 2) {
+        /* Few rows: four columns at a time keep eight independent sums in flight. */
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t n0 = 0; n0 < N; n0 += 4) {
+            if (M == 1) tile(fmt, x, K, w, N, y, n0, 0, 4, 1);
+            else tile(fmt, x, K, w, N, y, n0, 0, 4, 2);
+        }
+        return;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n0 = 0; n0 < N; n0 += 2) {
+        int64_t r0 = 0;
+        for (; r0 + 4 <= M; r0 += 4) tile(fmt, x, K, w, N, y, n0, r0, 2, 4);
+        switch (M - r0) {
+            case 3: tile(fmt, x, K, w, N, y, n0, r0, 2, 3); break;
+            case 2: tile(fmt, x, K, w, N, y, n0, r0, 2, 2); break;
+            case 1: tile(fmt, x, K, w, N, y, n0, r0, 2, 1); break;
+        }
+    }
+}
+
+/* y[M,N] = x[M,K] @ W[N,K]^T with x and y bf16 and W as blocks [N, K/32, bytes] of format fmt; needs
+ * N % 4 == 0 and K % 32 == 0. Returns 0, or -1 if memory for the fp32 copy of x cannot be had. */
+int blocks_linear(int fmt, const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, uint16_t *y,
+                  int threads) {
+    float *xf = malloc(sizeof(float) * M * K);
+    if (!xf) return -1;
+    for (int64_t i = 0; i < M * K; i++) {
+        const uint32_t bits = (uint32_t)x[i] << 16;
+        memcpy(xf + i, &bits, 4);
+    }
+    if (fmt == Q4_1) gemm(Q4_1, xf, M, K, w, N, y, threads);
+    else gemm(Q8_0, xf, M, K, w, N, y, threads);
+    free(xf);
+    return 0;
+}
+
+INLINE void expand(const int fmt, const uint8_t *w, int64_t blocks, uint16_t *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < blocks; i++) {
+        __m512 w0, w1;
+        block_weights(fmt, w + i * block_bytes(fmt), &w0, &w1);
+        _mm256_storeu_si256((__m256i *)(out + i * 32),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(w0), 16)));
+        _mm256_storeu_si256((__m256i *)(out + i * 32 + 16),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(w1), 16)));
+    }
+}
+
+/* W[N,K] as bf16 (exactly the dequantizer's values) from its blocks of format fmt. */
+void blocks_dequantize(int fmt, const uint8_t *w, int64_t N, int64_t K, uint16_t *out, int threads) {
+    if (fmt == Q4_1) expand(Q4_1, w, N * (K / 32), out, threads);
+    else expand(Q8_0, w, N * (K / 32), out, threads);
+}
