@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_batch_invariance:
         batch_invariance.main(common)
     if not args.skip_fast_path:
-        print("CPU fast path (GGUF blocks) against the bf16 model: answers, step agreement, speed", flush=True)
+        print("CPU fast path (GGUF blocks) vs the bf16 model: answers, step agreement, speed", flush=True)
         fast_path.main(common)
     if not args.skip_grammar:
         print("constrained decoding: per-token mask overhead by grammar library", flush=True)
