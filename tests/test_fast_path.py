@@ -86,7 +86,7 @@ def test_the_reference_expansion_is_gguf_pys_dequantizer_rounded_to_bf16(fmt: st
 
 
 @pytest.mark.parametrize("fmt", QUANTIZERS)
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, GEMM_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 17, GEMM_ROWS + 1])
 def test_a_block_layer_computes_what_the_bf16_layer_computes(
     kernels: BlockKernels, rows: int, fmt: str
 ) -> None:

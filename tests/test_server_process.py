@@ -123,7 +123,14 @@ def test_bundled_model_answers_coherently(tmp_path: Path) -> None:
         body = response.json()
         assert "Paris" in body["message"]["content"], body
         assert body["model"] == BUNDLED_MODEL_ALIAS
-        assert httpx.get(f"{server.base_url}/model").json()["source"] == "bundled"
+        model = httpx.get(f"{server.base_url}/model").json()
+        assert model["source"] == "bundled"
+        # The conversion kept the GGUF's blocks: every linear layer is served from them (the Paris
+        # above came through the fast path), or the reason says the kernel cannot run here.
+        if model["fast_path"]["kernel"] is None:
+            assert "kernel unavailable" in model["fast_path"]["reason"], model
+        else:
+            assert model["fast_path"]["layers"] == {"Q4_1": 210, "Q8_0": 1}, model
 
 
 def test_admin_token_is_never_logged(tmp_path: Path, tiny_model_a: Path, tiny_model_b: Path) -> None:

@@ -59,12 +59,12 @@ INLINE void block_weights(const int fmt, const uint8_t *block, __m512 *w0, __m51
     }
 }
 
-/* NB output columns x R activation rows. Each output is summed in the same order whatever NB and R
+/* NB output columns x R activation rows (NB * R <= 16). Each output is summed in the same order whatever NB and R
  * are, so a row's result does not depend on the batch it runs in. */
 INLINE void tile(const int fmt, const float *x, int64_t K, const uint8_t *w, int64_t N, uint16_t *y, int64_t n0,
                  int64_t r0, const int NB, const int R) {
     const int64_t G = K / 32;
-    __m512 acc[4][4][2];
+    __m512 acc[4][8][2];
     for (int b = 0; b < NB; b++)
         for (int r = 0; r < R; r++) acc[b][r][0] = acc[b][r][1] = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
@@ -94,9 +94,15 @@ INLINE void gemm(const int fmt, const float *x, int64_t M, int64_t K, const uint
         }
         return;
     }
+    /* More rows: each expanded block serves up to eight of them (sixteen sums in flight), then the
+       rest four at a time. */
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n0 = 0; n0 < N; n0 += 2) {
         int64_t r0 = 0;
+        for (; r0 + 8 <= M; r0 += 8) {
+            tile(fmt, x, K, w, N, y, n0, r0, 1, 8);
+            tile(fmt, x, K, w, N, y, n0 + 1, r0, 1, 8);
+        }
         for (; r0 + 4 <= M; r0 += 4) tile(fmt, x, K, w, N, y, n0, r0, 2, 4);
         switch (M - r0) {
             case 3: tile(fmt, x, K, w, N, y, n0, r0, 2, 3); break;
