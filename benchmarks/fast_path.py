@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import MESSAGES, RESULTS_DIR, bundled_model_dir, num_threads
+from service.engine.batch import cache_kwarg
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -84,7 +85,7 @@ def step_disagreements(reference: Any, fast: Any, tokenizer: Any, answers: list[
             step = torch.tensor([_prompt(tokenizer, question)])
             for token in answer:
                 ref, got = (
-                    m(input_ids=step, past_key_values=c, use_cache=True, logits_to_keep=1).logits[0, -1]
+                    m(input_ids=step, **{cache_kwarg(m): c}, use_cache=True, logits_to_keep=1).logits[0, -1]
                     for m, c in zip((reference, fast), caches, strict=True)
                 )
                 if int(ref.argmax()) != int(got.argmax()):
@@ -101,12 +102,12 @@ def decode_steps_per_s(model: Any, prompt: list[int]) -> float:
     rates = []
     with torch.inference_mode():
         for _ in range(5):
-            cache = DynamicCache(config=model.config)
-            logits = model(input_ids=torch.tensor([prompt]), past_key_values=cache, logits_to_keep=1).logits
+            cache = {cache_kwarg(model): DynamicCache(config=model.config)}
+            logits = model(input_ids=torch.tensor([prompt]), **cache, logits_to_keep=1).logits
             token = logits[:, -1].argmax(-1, keepdim=True)
             start = time.perf_counter()
             for _ in range(DECODE_STEPS):
-                token = model(input_ids=token, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
+                token = model(input_ids=token, **cache).logits[:, -1].argmax(-1, keepdim=True)
             rates.append(DECODE_STEPS / (time.perf_counter() - start))
     return statistics.median(rates)
 

@@ -34,7 +34,6 @@ from service.api.middleware import (
     shutdown_gate,
 )
 from service.engine import Engine
-from service.lifecycle.fleet import FleetReconciler
 from service.lifecycle.manager import ModelManager
 from service.metrics import ServingMetrics
 from service.settings import Settings
@@ -127,6 +126,8 @@ def create_app(
     # The engine outlives the manager on shutdown: in-flight requests finish before models unload.
     app.cleanup_ctx.extend([_tokenizer_pool_ctx, _engine_ctx, _manager_ctx, load.sampler_ctx])
     if settings.cluster_mode:
+        from service.lifecycle.fleet import FleetReconciler  # imports the Kubernetes client (~44 MiB)
+
         app[keys.FLEET] = FleetReconciler(settings, manager, metrics)
         app.cleanup_ctx.append(_fleet_ctx)
     if provider is not None and tracer_provider is None:

@@ -146,6 +146,8 @@ def test_page_loads_without_errors_and_shows_the_serving_model(
     page = console.page
     expect(page.locator("#serving")).to_contain_text(str(scripted_model))
     expect(page.locator("#serving")).to_contain_text("float")  # the dtype
+    # The scripted model is not a GGUF's conversion: the kernel line gives PyTorch and the reason.
+    expect(page.locator("#serving")).to_contain_text("PyTorch (no GGUF blocks beside the weights")
     expect(page.locator("#deployment [data-phase]")).to_have_text("ready")
     expect(page.locator("#history tbody tr")).to_have_count(1)
     expect(page.locator("#load")).to_contain_text("tokens/s")

@@ -13,7 +13,7 @@ from aiohttp import web
 from service.api import keys, paths
 from service.api.errors import ApiError, model_not_ready, parse_body
 from service.api.protocol import DeployRequest
-from service.lifecycle.fleet import FleetUnavailableError, RolloutInProgressError
+from service.lifecycle.fleet_errors import FleetUnavailableError, RolloutInProgressError
 from service.lifecycle.manager import DeploymentConflictError, model_info_dict
 from service.lifecycle.sources import SourceError
 

@@ -34,9 +34,7 @@ class HandleBatch:
         self.context_length = handle.info.context_length or getattr(
             handle.model.config, "max_position_embeddings", None
         )
-        # transformers >= 5.24 renamed ``past_key_values`` to ``cache`` (the old name goes in 5.40).
-        forward_params = inspect.signature(handle.model.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
+        self._cache_kwarg = cache_kwarg(handle.model)
         self.seqs: list[Sequence] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [rows, columns], 0 on left padding
@@ -147,6 +145,12 @@ class HandleBatch:
             old.keys = torch.cat([_left_pad(old.keys, pad_old), _left_pad(new.keys, pad_new)])
             old.values = torch.cat([_left_pad(old.values, pad_old), _left_pad(new.values, pad_new)])
         self._mask = torch.cat([F.pad(self._mask, (pad_old, 0)), F.pad(mask, (pad_new, 0))])
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name ``model.forward`` takes its KV cache by: transformers >= 5.24 renamed
+    ``past_key_values`` to ``cache`` (the old name goes in 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> list[RawLogprobs | None]:

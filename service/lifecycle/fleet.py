@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from service.lifecycle.deployment import Deployment, Phase
+from service.lifecycle.fleet_errors import FleetUnavailableError, RolloutInProgressError
 from service.lifecycle.kube import TRANSPORT_ERRORS, ApiException, KubeApi
 from service.lifecycle.manager import ModelManager
 from service.metrics import ServingMetrics
@@ -45,14 +46,6 @@ ModelKey = tuple[str, str | None]  # (model_id, revision)
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-class FleetUnavailableError(Exception):
-    """The Kubernetes API cannot be reached, so the fleet's desired model cannot be read or written."""
-
-
-class RolloutInProgressError(Exception):
-    """A fleet rollout is converging (or another replica changed the desired model meanwhile)."""
 
 
 @dataclass(frozen=True)

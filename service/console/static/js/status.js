@@ -143,6 +143,7 @@ export function renderStatus(feed) {
           ['dtype', s.dtype],
           ['parameters', s.parameters.toLocaleString('en')],
           ['context', s.context_length],
+          ['kernel', kernel(s.fast_path)],
           ['loaded at', when(s.loaded_at)],
         ]
       : [['model', 'none serving']],
@@ -150,4 +151,13 @@ export function renderStatus(feed) {
   renderDeployment(document.getElementById('deployment'), status.deployment, feed.progress);
   renderFleet(document.getElementById('fleet'), document.getElementById('fleet-body'), status.fleet);
   renderHistory(document.querySelector('#history tbody'), status.history);
+}
+
+/** Which kernel serves the linear layers: the fast path's with its layers per block format, or
+ *  PyTorch's with the reason the fast path does not apply. */
+function kernel(fastPath) {
+  if (!fastPath) return null;
+  if (!fastPath.kernel) return `PyTorch (${fastPath.reason})`;
+  const layers = Object.entries(fastPath.layers).map(([format, n]) => `${n} ${format}`);
+  return `${fastPath.kernel}: ${layers.join(', ')} layers`;
 }
