@@ -10,7 +10,10 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
+import sys
+import threading
 from typing import Any
 
 import prometheus_client
@@ -20,6 +23,7 @@ from pydantic import ValidationError
 from service import log as logs
 from service.api import keys
 from service.app import create_app
+from service.lifecycle.manager import LIFECYCLE_THREAD_PREFIX
 from service.settings import ENV_PREFIX, Settings
 
 log = logging.getLogger("service")
@@ -101,3 +105,11 @@ def main(argv: list[str] | None = None) -> None:
     prometheus_client.disable_created_metrics()
     log.info("starting", extra={"settings": json.loads(settings.model_dump_json(exclude={"admin_token"}))})
     asyncio.run(serve(settings))
+    if any(t.name.startswith(LIFECYCLE_THREAD_PREFIX) and t.is_alive() for t in threading.enumerate()):
+        # A model still loading in its daemon thread (SIGTERM mid-deployment) would meet the
+        # interpreter's teardown inside PyTorch's C++ and abort the process (SIGABRT, "terminate called
+        # without an active exception"). Everything is closed and logged by now: leave at once.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

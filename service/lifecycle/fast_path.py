@@ -122,21 +122,31 @@ def install(model: Any, model_dir: Path, cache_dir: Path) -> FastPath:
     mismatched = []
     for name, blocks in load_file(str(path)).items():
         parent, _, child = name.rpartition(".")
-        linear = model.get_submodule(name)
-        if not isinstance(linear, torch.nn.Linear) or not _expands_to(kernels, blocks, linear.weight):
+        try:
+            linear = model.get_submodule(name)
+            layer = BlockLinear(blocks, kernels)
+            matches = isinstance(linear, torch.nn.Linear) and _expands_to(kernels, blocks, linear.weight)
+        except (AttributeError, ValueError):  # no such module; not a block layout
+            matches = False
+        if not matches:
             mismatched.append(name)
             continue
-        layer = BlockLinear(blocks, kernels)
         setattr(model.get_submodule(parent) if parent else model, child, layer)
         swapped[layer.format.name] += 1
     if swapped:
+        # Weights that loading copied to the heap (a dtype conversion, a .bin file) are free now: hand
+        # them back to the OS. Memory-mapped ones were never read.
         gc.collect()
         with contextlib.suppress(OSError):  # not glibc
-            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the freed copies back to the OS
-    reason = f"{len(mismatched)} layers' blocks do not expand to their weights: {mismatched[:3]}"
-    return FastPath(
-        KERNEL if swapped else None, dict(sorted(swapped.items())), reason if mismatched else None
-    )
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+    kernel, layers = (KERNEL if swapped else None), dict(sorted(swapped.items()))
+    if mismatched:
+        return FastPath(
+            kernel,
+            layers,
+            f"{len(mismatched)} layers' blocks do not expand to their weights: {mismatched[:3]}",
+        )
+    return FastPath(kernel, layers)
 
 
 def _expands_to(kernels: Any, blocks: Any, weight: Any) -> bool:

@@ -52,6 +52,10 @@ class DeploymentInterruptedError(Exception):
     """The server began shutting down while the deployment ran."""
 
 
+#: Name prefix of the daemon threads that resolve, download, load and warm models.
+LIFECYCLE_THREAD_PREFIX = "model-lifecycle:"
+
+
 async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
     """Run ``fn`` in a daemon thread: unlike the default executor, it never holds up process exit."""
     loop = asyncio.get_running_loop()
@@ -70,7 +74,7 @@ async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
             loop.call_soon_threadsafe(settle, future.set_result, result)
 
     threading.Thread(
-        target=work, name=f"model-lifecycle:{getattr(fn, '__name__', 'work')}", daemon=True
+        target=work, name=f"{LIFECYCLE_THREAD_PREFIX}{getattr(fn, '__name__', 'work')}", daemon=True
     ).start()
     return await future
 
