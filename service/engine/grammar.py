@@ -32,7 +32,6 @@ os.environ.setdefault("RAYON_NUM_THREADS", "1")
 
 import llguidance  # after the thread setting: rayon reads it when its pool starts
 import llguidance.hf
-import llguidance.torch
 import torch
 
 from service.handle import ModelHandle
@@ -161,7 +160,9 @@ def grammar_processor(grammar: Grammar) -> Callable[[list[int], torch.Tensor], t
             if not matcher.consume_tokens(output_ids[consumed:]):
                 raise ValueError(f"the output left its grammar: {matcher.get_error()}")
             consumed = len(output_ids)
-        llguidance.torch.fill_next_token_bitmask(matcher, bitmask)
+        # What ``llguidance.torch.fill_next_token_bitmask`` does; that module is not imported: it
+        # imports torch.compile's machinery (+110 MiB resident, +2 s start-up) for a kernel we do not use.
+        matcher.unsafe_compute_mask_ptr(bitmask.data_ptr(), bitmask.numel() * bitmask.element_size())
         apply_token_bitmask(scores.unsqueeze(0), bitmask)
         return scores
 
