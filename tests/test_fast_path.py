@@ -30,11 +30,16 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def kernels(tmp_path_factory: pytest.TempPathFactory) -> BlockKernels:
+def kernel_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("kernel-cache")
+
+
+@pytest.fixture(scope="module")
+def kernels(kernel_cache: Path) -> BlockKernels:
     try:
-        return BlockKernels(tmp_path_factory.mktemp("kernel-cache"))
+        return BlockKernels(kernel_cache)
     except KernelUnavailableError as exc:
-        pytest.skip(f"the Q4_1 kernel cannot run here: {exc}")
+        pytest.skip(f"the block kernel cannot run here: {exc}")
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +111,15 @@ def test_a_rows_result_does_not_depend_on_the_batch_it_runs_in(kernels: BlockKer
     batched = layer(x)
     for row in range(x.shape[0]):
         assert torch.equal(layer(x[row : row + 1]), batched[row : row + 1])
+
+
+def test_a_built_kernel_loads_where_no_compiler_is(
+    kernels: BlockKernels, kernel_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image builds the kernel in its build stage; its runtime has the library and no compiler."""
+    monkeypatch.setenv("CC", "false")
+    blocks = random_blocks(8, 64)
+    assert torch.equal(BlockKernels(kernel_cache).dequantize(blocks), dequantize_reference(blocks))
 
 
 def test_the_fast_path_swaps_every_layer_and_greedy_tokens_match_the_bf16_model(

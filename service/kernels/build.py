@@ -37,8 +37,9 @@ def compiler() -> str | None:
 
 
 def load(source: Path, flags: list[str], needs: set[str], cache_dir: Path) -> ctypes.CDLL:
-    """The shared library built from ``source`` with ``flags``; raises :class:`KernelUnavailableError`
-    if the CPU lacks any of ``needs`` (``/proc/cpuinfo`` flags), no C compiler exists, or it fails.
+    """The shared library built from ``source`` with ``flags`` (cached, else built now); raises
+    :class:`KernelUnavailableError` if the CPU lacks any of ``needs`` (``/proc/cpuinfo`` flags), or the
+    library is not cached and cannot be built (no C compiler, a failing one, a read-only cache).
 
     Load PyTorch first: the library links ``libgomp.so.1`` and must share PyTorch's OpenMP runtime
     (two runtimes on the same cores spin against each other).
@@ -48,29 +49,38 @@ def load(source: Path, flags: list[str], needs: set[str], cache_dir: Path) -> ct
     missing = sorted(needs - cpu_flags())
     if missing:
         raise KernelUnavailableError(f"the CPU lacks {', '.join(missing)}")
+    # Named by source and flags only: a library built where a compiler was (an image's build stage)
+    # loads where none is (its runtime).
+    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    target = cache_dir.expanduser() / "kernels" / f"{source.stem}-{digest}.so"
+    if not target.is_file():
+        _build(source, flags, target)
+    return ctypes.CDLL(str(target))
+
+
+def _build(source: Path, flags: list[str], target: Path) -> None:
     cc = compiler()
     if cc is None:
         raise KernelUnavailableError("no C compiler (cc, gcc or clang) to build it with")
-    digest = hashlib.sha256(source.read_bytes() + " ".join([cc, *flags]).encode()).hexdigest()[:16]
-    target = cache_dir.expanduser() / "kernels" / f"{source.stem}-{digest}.so"
-    if not target.is_file():
+    try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
+    except OSError as exc:  # a read-only cache (an image's) without the library in it
+        raise KernelUnavailableError(f"cannot write the library into {target.parent}: {exc}") from exc
+    os.close(fd)
+    try:
         try:
-            try:
-                result = subprocess.run(
-                    [cc, *flags, "-shared", "-fPIC", str(source), "-o", tmp],
-                    capture_output=True,
-                    text=True,
-                    timeout=120,
-                )
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                raise KernelUnavailableError(f"cannot run the C compiler {cc}: {exc}") from exc
-            if result.returncode != 0:
-                error = result.stderr.strip()[-500:]
-                raise KernelUnavailableError(f"{cc} failed to build {source.name}: {error}")
-            os.replace(tmp, target)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-    return ctypes.CDLL(str(target))
+            result = subprocess.run(
+                [cc, *flags, "-shared", "-fPIC", str(source), "-o", tmp],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise KernelUnavailableError(f"cannot run the C compiler {cc}: {exc}") from exc
+        if result.returncode != 0:
+            error = result.stderr.strip()[-500:]
+            raise KernelUnavailableError(f"{cc} failed to build {source.name}: {error}")
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
