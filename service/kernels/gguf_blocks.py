@@ -63,10 +63,12 @@ class BlockKernels:
         self._scratch = threading.local()
 
     def linear(self, x: torch.Tensor, blocks: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
-        """``x`` ``[M, K]`` bf16 contiguous, ``blocks`` ``[N, K/32, bytes]`` uint8: ``[M, N]`` bf16."""
-        y = torch.empty(x.shape[0], blocks.shape[0], dtype=torch.bfloat16)
+        """``x`` ``[..., K]`` bf16, ``blocks`` ``[N, K/32, bytes]`` uint8: ``[..., N]`` bf16."""
+        x = x.contiguous()
+        y = torch.empty(*x.shape[:-1], blocks.shape[0], dtype=torch.bfloat16)
+        k = x.shape[-1]
         status = self._lib.blocks_linear(
-            fmt.code, x.data_ptr(), x.shape[0], x.shape[1], blocks.data_ptr(), blocks.shape[0], y.data_ptr(),
+            fmt.code, x.data_ptr(), x.numel() // k, k, blocks.data_ptr(), blocks.shape[0], y.data_ptr(),
             torch.get_num_threads(),
         )  # fmt: skip
         if status != 0:
@@ -130,17 +132,14 @@ class BlockLinear(torch.nn.Module):
         self._kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] >= GEMM_ROWS or x.dtype != torch.bfloat16:
-            scratch = self._kernels.scratch(self.out_features * self.in_features)
-            weight = self._kernels.dequantize(self.blocks, scratch.view(self.out_features, self.in_features))
-            # Contiguous: a strided input (the last position of each prompt, at prefill) sends bf16 GEMM
-            # down a path measured at 981 ms and +550 MB for 12 rows of the lm head, against 7 ms.
-            return torch.nn.functional.linear(rows.contiguous(), weight.to(x.dtype)).reshape(
-                *x.shape[:-1], self.out_features
-            )
-        y = self._kernels.linear(rows.contiguous(), self.blocks, self.format)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        # Decode runs this once per layer and token: the kernel's path stays free of reshapes.
+        if x.dtype is torch.bfloat16 and x.numel() < GEMM_ROWS * self.in_features:
+            return self._kernels.linear(x, self.blocks, self.format)
+        scratch = self._kernels.scratch(self.out_features * self.in_features)
+        weight = self._kernels.dequantize(self.blocks, scratch.view(self.out_features, self.in_features))
+        # Contiguous: a strided input (the last position of each prompt, at prefill) sends bf16 GEMM
+        # down a path measured at 981 ms and +550 MB for 12 rows of the lm head, against 7 ms.
+        return torch.nn.functional.linear(x.contiguous(), weight.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, blocks={self.format.name}"
