@@ -2,7 +2,7 @@
 
 Loading GGUF through transformers dequantizes it (~15-20 s), so the first use converts it once into
 a bf16 safetensors folder under the cache directory; every later load takes about a second. The
-folder also keeps the GGUF's Q4_1 blocks, which the CPU fast path serves from
+folder also keeps the GGUF's Q4_1 and Q8_0 blocks, which the CPU fast path serves from
 (:mod:`service.lifecycle.fast_path`).
 ``python -m service.lifecycle.bundled`` does that conversion ahead of time (the image build runs it).
 """
@@ -64,7 +64,10 @@ def ensure_converted(cache_dir: Path) -> Path:
     target = converted_dir(cache_dir)
     if (target / _COMPLETE_MARKER).is_file():
         if not (target / fast_path.BLOCKS_FILE).is_file():
-            _add_blocks(gguf_path(), target)  # a folder converted before the blocks were kept
+            try:
+                _add_blocks(gguf_path(), target)  # a folder converted before the blocks were kept
+            except OSError as exc:  # a read-only cache: the model serves without the fast path
+                log.warning("cannot add the GGUF blocks", extra={"target": str(target), "error": str(exc)})
         return target
     source = gguf_path()
     log.info("converting bundled model", extra={"source": str(source), "target": str(target)})
