@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import MESSAGES, RESULTS_DIR, bundled_model_dir, num_threads
+from benchmarks import inprocess
+from benchmarks.common import RESULTS_DIR, bundled_model_dir, num_threads
 from service.engine.batch import cache_kwarg
 
 QUESTIONS = [
@@ -112,28 +113,14 @@ def decode_steps_per_s(model: Any, prompt: list[int]) -> float:
     return statistics.median(rates)
 
 
-def prefill_s(model: Any, prompt: list[int]) -> float:
-    import torch
-
-    times = []
-    with torch.inference_mode():
-        for _ in range(7):
-            start = time.perf_counter()
-            model(input_ids=torch.tensor([prompt]), logits_to_keep=1)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure(threads: int, cache_dir: Path) -> dict[str, Any]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from service.lifecycle import fast_path
 
-    torch.set_num_threads(threads)
     model_dir = bundled_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    reference, tokenizer, prompt = inprocess.load(model_dir, threads)
     fast = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
     exact = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     report = fast_path.install(fast, model_dir, cache_dir)
@@ -142,13 +129,10 @@ def measure(threads: int, cache_dir: Path) -> dict[str, Any]:
     bf16, q4 = answers(reference, tokenizer), answers(fast, tokenizer)
     margins = step_disagreements(reference, fast, tokenizer, bf16)
     float32 = answers(exact, tokenizer)
-    against_float32 = {
-        name: len(step_disagreements(exact, m, tokenizer, float32))
-        for name, m in (("bf16", reference), ("fast", fast))
-    }
-    prompt = list(tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, return_dict=False))
-    speed = {name: decode_steps_per_s(m, prompt) for name, m in (("bf16", reference), ("fast", fast))}
-    prefill = {name: prefill_s(m, prompt) for name, m in (("bf16", reference), ("fast", fast))}
+    models = (("bf16", reference), ("fast", fast))
+    against_float32 = {name: len(step_disagreements(exact, m, tokenizer, float32)) for name, m in models}
+    speed = {name: decode_steps_per_s(m, prompt) for name, m in models}
+    prefill = {name: inprocess.prefill_seconds(m, prompt) for name, m in models}
     return {
         "threads": threads,
         "layers": report.layers,
