@@ -23,6 +23,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,54 +62,91 @@ def _prompt(tokenizer: Any, question: str) -> list[int]:
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
 
 
-def answers(model: Any, tokenizer: Any) -> list[list[int]]:
+Decode = Callable[[Any, Any, Any, Any], Any]
+
+
+def forward_decode(model: Any) -> Decode:
+    """A decode step through ``model``'s own forward, called as the fused step is (the batch's layout)."""
+    kwarg = cache_kwarg(model)
+
+    def decode(ids: Any, mask: Any, positions: Any, cache: Any) -> Any:
+        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, kwarg: cache}
+        return model(**inputs).logits[:, -1]
+
+    return decode
+
+
+def _prefill(model: Any, prompt: list[int]) -> tuple[Any, Any, Any]:
+    """The prompt through ``model``'s forward (as the server prefills): its cache, mask, last logits."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    ids = torch.tensor([prompt])
+    logits = model(input_ids=ids, **{cache_kwarg(model): cache}, logits_to_keep=1).logits[:, -1]
+    return cache, torch.ones_like(ids), logits
+
+
+def _step(decode: Decode, token: int, mask: Any, cache: Any) -> tuple[Any, Any]:
+    import torch
+
+    mask = torch.nn.functional.pad(mask, (0, 1), value=1)
+    return decode(torch.tensor([[token]]), mask, mask.sum(-1, keepdim=True) - 1, cache), mask
+
+
+def answers(model: Any, decode: Decode, tokenizer: Any) -> list[list[int]]:
+    """Each question's ``ANSWER_TOKENS`` greedy tokens: prefill by ``model``, decode steps by ``decode``."""
     import torch
 
     out = []
     with torch.inference_mode():
         for question in QUESTIONS:
-            ids = torch.tensor([_prompt(tokenizer, question)])
-            generated = model.generate(ids, max_new_tokens=ANSWER_TOKENS, do_sample=False)
-            out.append(generated[0, ids.shape[1] :].tolist())
+            cache, mask, logits = _prefill(model, _prompt(tokenizer, question))
+            tokens = [int(logits[0].argmax())]
+            while len(tokens) < ANSWER_TOKENS:
+                logits, mask = _step(decode, tokens[-1], mask, cache)
+                tokens.append(int(logits[0].argmax()))
+            out.append(tokens)
     return out
 
 
-def step_disagreements(reference: Any, fast: Any, tokenizer: Any, answers: list[list[int]]) -> list[float]:
-    """Feed each answer to both models one token at a time; for every step where their greedy picks
-    differ, the reference's margin between its two best logits."""
+def step_disagreements(
+    reference: tuple[Any, Decode], candidate: tuple[Any, Decode], tokenizer: Any, answers: list[list[int]]
+) -> list[float]:
+    """Feed each answer to both (model, decode step) pairs one token at a time; for every decode step
+    where their greedy picks differ, the reference's margin between its two best logits."""
     import torch
-    from transformers import DynamicCache
 
     margins = []
     with torch.inference_mode():
         for question, answer in zip(QUESTIONS, answers, strict=True):
-            caches = [DynamicCache(config=reference.config), DynamicCache(config=fast.config)]
-            step = torch.tensor([_prompt(tokenizer, question)])
-            for token in answer:
-                ref, got = (
-                    m(input_ids=step, **{cache_kwarg(m): c}, use_cache=True, logits_to_keep=1).logits[0, -1]
-                    for m, c in zip((reference, fast), caches, strict=True)
-                )
-                if int(ref.argmax()) != int(got.argmax()):
-                    top = ref.float().topk(2).values
+            prompt = _prompt(tokenizer, question)
+            (ref_cache, mask, _), (cand_cache, _, _) = (
+                _prefill(reference[0], prompt),
+                _prefill(candidate[0], prompt),
+            )
+            for token in answer[:-1]:
+                ref, _ = _step(reference[1], token, mask, ref_cache)
+                got, mask = _step(candidate[1], token, mask, cand_cache)
+                if int(ref[0].argmax()) != int(got[0].argmax()):
+                    top = ref[0].float().topk(2).values
                     margins.append(float(top[0] - top[1]))
-                step = torch.tensor([[token]])
     return margins
 
 
-def decode_steps_per_s(model: Any, prompt: list[int]) -> float:
+def decode_steps_per_s(model: Any, decode: Decode, prompt: list[int]) -> float:
+    """Median over 5 runs of ``DECODE_STEPS`` greedy decode steps at batch 1 after the prompt."""
     import torch
-    from transformers import DynamicCache
 
     rates = []
     with torch.inference_mode():
         for _ in range(5):
-            cache = {cache_kwarg(model): DynamicCache(config=model.config)}
-            logits = model(input_ids=torch.tensor([prompt]), **cache, logits_to_keep=1).logits
-            token = logits[:, -1].argmax(-1, keepdim=True)
+            cache, mask, logits = _prefill(model, prompt)
+            token = int(logits[0].argmax())
             start = time.perf_counter()
             for _ in range(DECODE_STEPS):
-                token = model(input_ids=token, **cache).logits[:, -1].argmax(-1, keepdim=True)
+                logits, mask = _step(decode, token, mask, cache)
+                token = int(logits[0].argmax())
             rates.append(DECODE_STEPS / (time.perf_counter() - start))
     return statistics.median(rates)
 
@@ -123,32 +161,43 @@ def measure(threads: int, cache_dir: Path) -> dict[str, Any]:
     reference, tokenizer, prompt = inprocess.load(model_dir, threads)
     fast = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
     exact = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    report = fast_path.install(fast, model_dir, cache_dir)
-    if report.kernel is None:
+    report, fused = fast_path.install(fast, model_dir, cache_dir)
+    if report.kernel is None or fused is None:
         return {"fast_path": report.reason}
-    bf16, q4 = answers(reference, tokenizer), answers(fast, tokenizer)
-    margins = step_disagreements(reference, fast, tokenizer, bf16)
-    float32 = answers(exact, tokenizer)
-    models = (("bf16", reference), ("fast", fast))
-    against_float32 = {name: len(step_disagreements(exact, m, tokenizer, float32)) for name, m in models}
-    speed = {name: decode_steps_per_s(m, prompt) for name, m in models}
-    prefill = {name: inprocess.prefill_seconds(m, prompt) for name, m in models}
+    paths = {
+        "bf16": (reference, forward_decode(reference)),
+        "block layers": (fast, forward_decode(fast)),
+        "fused": (fast, fused),  # what the server runs: block-layer prefill, fused decode steps
+    }
+    bf16, served = answers(*paths["bf16"], tokenizer), answers(*paths["fused"], tokenizer)
+    margins = step_disagreements(paths["bf16"], paths["fused"], tokenizer, bf16)
+    float32 = answers(exact, forward_decode(exact), tokenizer)
+    against_float32 = {
+        name: len(step_disagreements((exact, forward_decode(exact)), paths[name], tokenizer, float32))
+        for name in ("bf16", "fused")
+    }
+    speed = {name: decode_steps_per_s(model, decode, prompt) for name, (model, decode) in paths.items()}
+    prefill = {
+        name: inprocess.prefill_seconds(m, prompt) for name, m in (("bf16", reference), ("fast", fast))
+    }
     return {
         "threads": threads,
         "layers": report.layers,
-        "identical_answers": sum(a == b for a, b in zip(bf16, q4, strict=True)),
+        "fused_layers": report.fused_layers,
+        "identical_answers": sum(a == b for a, b in zip(bf16, served, strict=True)),
         "questions": len(QUESTIONS),
-        "france_says_paris": all("Paris" in tokenizer.decode(a[0]) for a in (bf16, q4)),
-        "steps": sum(len(a) for a in bf16),
+        "france_says_paris": all("Paris" in tokenizer.decode(a[0]) for a in (bf16, served)),
+        "steps": sum(len(a) - 1 for a in bf16),
         "step_disagreements": len(margins),
         "largest_margin_at_a_disagreement": max(margins, default=0.0),
-        "float32_steps": sum(len(a) for a in float32),
+        "float32_steps": sum(len(a) - 1 for a in float32),
         "step_disagreements_with_float32": against_float32,
         "decode_steps_per_s": speed,
         "prefill_s": prefill,
         "prompt_tokens": len(prompt),
         "ratios": {
-            "fast/bf16 decode steps/s (batch 1)": speed["fast"] / speed["bf16"],
+            "fused/bf16 decode steps/s (batch 1)": speed["fused"] / speed["bf16"],
+            "block layers/bf16 decode steps/s (batch 1)": speed["block layers"] / speed["bf16"],
             "bf16/fast prefill time": prefill["bf16"] / prefill["fast"],
         },
     }
@@ -158,25 +207,28 @@ def markdown(result: dict[str, Any]) -> str:
     if "layers" not in result:
         return f"fast path: not measured ({result['fast_path']})\n"
     r = result
+    speed, ratios = r["decode_steps_per_s"], r["ratios"]
     lines = [
         f"GGUF-block kernel on {', '.join(f'{n} {fmt}' for fmt, n in r['layers'].items())} linear layers, "
-        f"{r['threads']} threads:",
+        f"{r['fused_layers']} decoder layers fused at decode, {r['threads']} threads:",
         "",
-        "| figure | bf16 (as loaded) | fast path | fast / bf16 |",
-        "| --- | ---: | ---: | ---: |",
-        f"| decode steps/s, batch 1 | {r['decode_steps_per_s']['bf16']:.1f} | "
-        f"{r['decode_steps_per_s']['fast']:.1f} | {r['ratios']['fast/bf16 decode steps/s (batch 1)']:.2f} |",
+        "| figure | bf16 (as loaded) | block layers | fused layers (served) | served / bf16 |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        f"| decode steps/s, batch 1 | {speed['bf16']:.1f} | {speed['block layers']:.1f} | "
+        f"{speed['fused']:.1f} | {ratios['fused/bf16 decode steps/s (batch 1)']:.2f} |",
         f"| prefill of {r['prompt_tokens']} tokens (ms) | {r['prefill_s']['bf16'] * 1000:.1f} | "
-        f"{r['prefill_s']['fast'] * 1000:.1f} | {1 / r['ratios']['bf16/fast prefill time']:.2f} |",
+        f"{r['prefill_s']['fast'] * 1000:.1f} | (block layers) | "
+        f"{1 / ratios['bf16/fast prefill time']:.2f} |",
         "",
-        f"- identical {ANSWER_TOKENS}-token greedy answers: {r['identical_answers']}/{r['questions']}; "
-        f"the France answer says Paris on both: {'yes' if r['france_says_paris'] else 'no'}",
+        f"- identical {ANSWER_TOKENS}-token greedy answers, served path against bf16: "
+        f"{r['identical_answers']}/{r['questions']}; the France answer says Paris on both: "
+        f"{'yes' if r['france_says_paris'] else 'no'}",
         f"- teacher-forced decode steps whose greedy pick differs: {r['step_disagreements']} of "
         f"{r['steps']}; the bf16 model's own top-2 logit margin there is at most "
         f"{r['largest_margin_at_a_disagreement']:.3f}",
         f"- against float32 arithmetic on the same weights (its own answers fed back): the bf16 model's "
-        f"pick differs at {r['step_disagreements_with_float32']['bf16']} and the fast path's at "
-        f"{r['step_disagreements_with_float32']['fast']} of {r['float32_steps']} steps",
+        f"pick differs at {r['step_disagreements_with_float32']['bf16']} and the served path's at "
+        f"{r['step_disagreements_with_float32']['fused']} of {r['float32_steps']} steps",
     ]
     return "\n".join(lines) + "\n"
 

@@ -26,12 +26,13 @@ class ToolsUnsupportedError(ValueError):
 @dataclass(frozen=True)
 class FastPath:
     """Which kernel serves the model's linear layers: None is PyTorch's, as loaded; ``layers`` counts
-    the layers it serves by block format, ``reason`` says why it serves none or only some of them
-    (see ``lifecycle.fast_path``)."""
+    the layers it serves by block format, ``reason`` says why it serves none or only some of them, or
+    why its decoder layers do not run fused (see ``lifecycle.fast_path``)."""
 
     kernel: str | None
     layers: dict[str, int] = field(default_factory=dict)
     reason: str | None = None
+    fused_layers: int = 0  # decoder layers that decode as one kernel call each (``kernels.llama_decode``)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class ModelHandle:
     model: Any  # transformers PreTrainedModel (typed loosely to keep torch out of importers)
     tokenizer: Any  # transformers PreTrainedTokenizerBase
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
+    # A decode step faster than ``model``'s forward (``kernels.llama_decode.FusedDecoder``), or None.
+    decode_step: Any = None
     _per_thread: threading.local = field(default_factory=threading.local, init=False, repr=False)
 
     def encode_chat(

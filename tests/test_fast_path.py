@@ -16,6 +16,7 @@ import torch
 from service.handle import FastPath
 from service.kernels.build import KernelUnavailableError
 from service.kernels.gguf_blocks import GEMM_ROWS, BlockKernels, BlockLinear, dequantize_reference
+from service.kernels.llama_decode import FusedDecoder
 from service.lifecycle import fast_path, loader
 from service.lifecycle.sources import ModelSource, SourceKind
 from tests.server_process import running_server
@@ -127,9 +128,10 @@ def test_the_fast_path_swaps_every_layer_and_greedy_tokens_match_the_bf16_model(
 ) -> None:
     handle = load(blocks_model)
     expected = greedy(handle)
-    report = fast_path.install(handle.model, blocks_model, tmp_path)
+    report, decoder = fast_path.install(handle.model, blocks_model, tmp_path)
     # q, k, v, o, gate, up, down in each of the 2 layers; the lm head (tied to the embedding).
-    assert report == FastPath("gguf_blocks", {"Q4_1": 2 * 7, "Q8_0": 1})
+    assert report == FastPath("gguf_blocks", {"Q4_1": 2 * 7, "Q8_0": 1}, fused_layers=2)
+    assert isinstance(decoder, FusedDecoder)
     assert sum(isinstance(m, BlockLinear) for m in handle.model.modules()) == 15
     assert greedy(handle) == expected
 
@@ -147,9 +149,10 @@ def test_blocks_that_do_not_expand_to_a_layers_weights_leave_that_layer_alone(
     blocks["model.layers.1.mlp.up_proj"][0, 0, 4] ^= 0x11  # two weights of one block change
     save_file(blocks, str(copy / fast_path.BLOCKS_FILE))
     handle = load(copy)
-    report = fast_path.install(handle.model, copy, tmp_path)
+    report, decoder = fast_path.install(handle.model, copy, tmp_path)
     assert report.kernel == "gguf_blocks" and report.layers == {"Q4_1": 13, "Q8_0": 1}
     assert "model.layers.1.mlp.up_proj" in (report.reason or "")
+    assert decoder is None and report.fused_layers == 0  # a layer is PyTorch's: no fused decode
     assert isinstance(handle.model.get_submodule("model.layers.1.mlp.up_proj"), torch.nn.Linear)
 
 
@@ -157,17 +160,17 @@ def test_without_blocks_a_compiler_or_bf16_the_model_serves_as_loaded(
     blocks_model: Path, tiny_model_a: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     plain = load(tiny_model_a)
-    report = fast_path.install(plain.model, tiny_model_a, tmp_path)
+    report, _ = fast_path.install(plain.model, tiny_model_a, tmp_path)
     assert report.kernel is None and "no GGUF blocks" in (report.reason or "")
 
     monkeypatch.setenv("CC", "false")  # a compiler that fails, in a cache with no built kernel
     handle = load(blocks_model)
-    report = fast_path.install(handle.model, blocks_model, tmp_path / "empty-cache")
+    report, _ = fast_path.install(handle.model, blocks_model, tmp_path / "empty-cache")
     assert report.kernel is None and "kernel unavailable" in (report.reason or "")
     assert not any(isinstance(m, BlockLinear) for m in handle.model.modules())
 
     handle.model.float()
-    report = fast_path.install(handle.model, blocks_model, tmp_path)
+    report, _ = fast_path.install(handle.model, blocks_model, tmp_path)
     assert report.kernel is None and "float32" in (report.reason or "")
 
 
@@ -227,9 +230,104 @@ def test_get_model_says_which_kernel_serves_and_why_not(blocks_model: Path, tmp_
             "kernel": "gguf_blocks",
             "layers": {"Q4_1": 14, "Q8_0": 1},
             "reason": None,
+            "fused_layers": 2,
         }
     off = {"SERVING_FAST_PATH": "false"}
     with running_server(tmp_path / "off", model=str(blocks_model), env=off) as server:
         info = httpx.get(f"{server.base_url}/model").json()
     reason = "turned off (SERVING_FAST_PATH=false)"
-    assert info["fast_path"] == {"kernel": None, "layers": {}, "reason": reason}
+    assert info["fast_path"] == {"kernel": None, "layers": {}, "reason": reason, "fused_layers": 0}
+
+
+def _left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def test_a_fused_decode_step_computes_what_the_models_forward_computes(
+    kernels: BlockKernels, blocks_model: Path, tmp_path: Path
+) -> None:
+    """Three rows of different lengths (left padding), ten steps, teacher-forced: the same logits within
+    bf16 rounding, the same greedy picks, the same KV cache. Every third step runs the model's forward on
+    the fused step's cache, as the batch does when it outgrows the fused step."""
+    from transformers import DynamicCache
+
+    handle = load(blocks_model)
+    _, decoder = fast_path.install(handle.model, blocks_model, tmp_path)
+    model = handle.model
+    ids, mask = _left_padded([handle.encode_chat(m) for m in PROMPTS[:3]])
+    assert len(set(mask.sum(-1).tolist())) == 3
+    caches = [DynamicCache(config=model.config), DynamicCache(config=model.config)]
+    with torch.inference_mode():
+        for cache in caches:
+            out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), cache=cache)
+        tokens = out.logits[:, -1].argmax(-1, keepdim=True)
+        for step in range(10):
+            mask = torch.nn.functional.pad(mask, (0, 1), value=1)
+            inputs = {"input_ids": tokens, "attention_mask": mask, "position_ids": _positions(mask)[:, -1:]}
+            expected = model(**inputs, cache=caches[0]).logits[:, -1].float()
+            if step % 3 == 2:
+                got = model(**inputs, cache=caches[1]).logits[:, -1].float()
+            else:
+                got = decoder(tokens, mask, inputs["position_ids"], caches[1]).float()
+            scale = float(expected.abs().max())
+            assert float((got - expected).abs().max()) <= 0.02 * scale
+            assert torch.equal(got.argmax(-1), expected.argmax(-1))
+            tokens = expected.argmax(-1, keepdim=True)
+    for eager, fused in zip(caches[0].layers, caches[1].layers, strict=True):
+        assert (
+            fused.keys.shape == eager.keys.shape == (3, model.config.num_key_value_heads, mask.shape[1], 16)
+        )
+        torch.testing.assert_close(fused.keys, eager.keys, rtol=0.05, atol=0.05)
+        torch.testing.assert_close(fused.values, eager.values, rtol=0.05, atol=0.05)
+
+
+async def test_the_engine_decodes_through_the_fused_layers_whatever_the_batch(
+    kernels: BlockKernels, blocks_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request alone, and in a batch that others join one at a time (spliced and trimmed cache), gets
+    the same tokens through the fused step: each row's arithmetic does not depend on the rows beside it.
+    (Each joins after the previous one's first token, so every prompt is prefilled alone both ways:
+    PyTorch's GEMM, which prefill uses, may sum differently for another number of rows.)"""
+    import asyncio
+    import dataclasses
+
+    from service.engine import Engine, SamplingParams
+    from service.metrics import ServingMetrics
+    from tests.test_engine import consume, run_alone
+
+    handle = load(blocks_model)
+    _, decoder = fast_path.install(handle.model, blocks_model, tmp_path)
+    fused = dataclasses.replace(handle, decode_step=decoder)
+    steps = []
+    call = FusedDecoder.__call__
+    monkeypatch.setattr(FusedDecoder, "__call__", lambda self, *args: steps.append(1) or call(self, *args))
+    prompts = [handle.encode_chat(m) for m in PROMPTS]
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    engine = Engine(max_running=8, max_queued=8, metrics=ServingMetrics.create(default_collectors=False))
+    await engine.start()
+    try:
+        await run_alone(engine, handle, prompts[0], params)
+        assert not steps  # the handle without the step decodes through the model's forward
+        alone = [(await run_alone(engine, fused, p, params)).token_ids for p in prompts]
+        assert len(steps) >= len(prompts) * (params.max_tokens - 1) // 2
+        running = []
+        for prompt in prompts:
+            stream = engine.submit(fused, prompt, params)
+            running.append(consume(stream, await anext(aiter(stream))))
+        runs = await asyncio.gather(*running)
+        assert [r.token_ids for r in runs] == alone
+    finally:
+        await engine.stop()
+
+
+def test_fused_decode_layers_need_every_projection_on_the_block_kernel(tiny_model_a: Path) -> None:
+    from service.kernels.llama_decode import unfit_reason
+
+    assert unfit_reason(load(tiny_model_a).model) == "layer 0 has projections the block kernel does not serve"

@@ -131,6 +131,7 @@ def test_bundled_model_answers_coherently(tmp_path: Path) -> None:
             assert "kernel unavailable" in model["fast_path"]["reason"], model
         else:
             assert model["fast_path"]["layers"] == {"Q4_1": 210, "Q8_0": 1}, model
+            assert model["fast_path"]["fused_layers"] == 30, model
 
 
 def test_admin_token_is_never_logged(tmp_path: Path, tiny_model_a: Path, tiny_model_b: Path) -> None:

@@ -245,7 +245,12 @@ class FastPathInfo(BaseModel):
     layers: dict[str, int] = Field(
         description="Linear layers the kernel serves, by block format (Q4_1, Q8_0)."
     )
-    reason: str | None = Field(description="Why the kernel serves none or only some of them.")
+    reason: str | None = Field(
+        description="Why the kernel serves none or only some of them, or why decoder layers do not run fused."
+    )
+    fused_layers: int = Field(
+        description="Decoder layers that run as one kernel call each at decode (Llama models only)."
+    )
 
 
 class ModelInfoResponse(BaseModel):

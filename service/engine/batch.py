@@ -98,6 +98,9 @@ class HandleBatch:
         assert self._cache is not None and self._mask is not None
         ids = torch.tensor([[s.output_ids[-1]] for s in self.seqs], device=self.device)
         self._mask = F.pad(self._mask, (0, 1), value=1)
+        fused = self.handle.decode_step
+        if fused is not None and len(self.seqs) <= fused.max_rows:
+            return fused(ids, self._mask, _positions(self._mask)[:, -1:], self._cache)
         out = self.handle.model(
             input_ids=ids,
             attention_mask=self._mask,

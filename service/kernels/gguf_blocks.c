@@ -10,6 +10,8 @@
  * 8.5 bits each instead of 16. Sums are fp32 (exact bf16 products, fused multiply-adds).
  */
 #include <immintrin.h>
+#include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -144,4 +146,139 @@ INLINE void expand(const int fmt, const uint8_t *w, int64_t blocks, uint16_t *ou
 void blocks_dequantize(int fmt, const uint8_t *w, int64_t N, int64_t K, uint16_t *out, int threads) {
     if (fmt == Q4_1) expand(Q4_1, w, N * (K / 32), out, threads);
     else expand(Q8_0, w, N * (K / 32), out, threads);
+}
+
+/* ---- One Llama decoder layer at decode, in one call ------------------------------------------------------------
+ *
+ * transformers' LlamaDecoderLayer, for one new token per row, with the same bf16 roundings at the same places
+ * (each PyTorch operator on bf16 computes in fp32 and rounds its result): RMSNorm, q/k/v projections, rotary
+ * embedding, attention over the KV cache (the new column written in place), o projection, residual; RMSNorm,
+ * SiLU(gate) * up, down projection, residual. Sums are fp32 in this file's order, so results are within a few
+ * bf16 ulps of PyTorch's, not bit-identical. What it saves is not arithmetic but the ~40 PyTorch operators
+ * (and their Python) per layer and token that cost more than the weights' reads at batch 1.
+ */
+
+typedef struct {
+    int64_t rows, hidden, heads, kv_heads, head_dim, intermediate;
+    float eps, scale;
+    const uint16_t *input_norm, *post_norm; /* [hidden] bf16 */
+    const uint8_t *proj[7];                 /* q, k, v, o, gate, up, down as blocks */
+    int32_t fmt[7];
+    const uint16_t *cos, *sin; /* [rows, head_dim] bf16 */
+    uint16_t *keys, *values;   /* cache [rows, kv_heads, capacity, head_dim] bf16, both strided alike */
+    int64_t row_stride, head_stride;
+    int64_t column;      /* the new token's column; attention reads columns 0..column */
+    const int64_t *mask; /* [rows, column + 1]: 0 on a row's left padding */
+    int32_t threads;
+} DecoderLayer;
+
+enum { P_Q, P_K, P_V, P_O, P_GATE, P_UP, P_DOWN };
+
+INLINE float bf(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+INLINE float round_f(float f) { return bf(to_bf16(f)); }
+
+INLINE void project(const DecoderLayer *a, int p, const float *x, int64_t K, int64_t N, uint16_t *y) {
+    if (a->fmt[p] == Q4_1) gemm(Q4_1, x, a->rows, K, a->proj[p], N, y, a->threads);
+    else gemm(Q8_0, x, a->rows, K, a->proj[p], N, y, a->threads);
+}
+
+/* LlamaRMSNorm: w * bf16(x * rsqrt(mean(x^2) + eps)), returned as the fp32 values of its bf16 result. */
+static void rms_norm(const uint16_t *x, const uint16_t *w, int64_t n, float eps, float *out) {
+    double squares = 0;
+    for (int64_t i = 0; i < n; i++) squares += (double)bf(x[i]) * bf(x[i]);
+    const float inv = 1.0f / sqrtf((float)(squares / (double)n) + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = round_f(bf(w[i]) * round_f(bf(x[i]) * inv));
+}
+
+/* apply_rotary_pos_emb on one head: x * cos + rotate_half(x) * sin, each operator rounded to bf16. */
+static void rotate(uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_t d) {
+    const int64_t half = d / 2;
+    float r[512];
+    for (int64_t i = 0; i < d; i++) {
+        const float turned = i < half ? -bf(x[i + half]) : bf(x[i - half]);
+        r[i] = round_f(round_f(bf(x[i]) * bf(cos[i])) + round_f(turned * bf(sin[i])));
+    }
+    for (int64_t i = 0; i < d; i++) x[i] = to_bf16(r[i]);
+}
+
+/* PyTorch's CPU flash attention for one query: fp32 scores times the scale, softmax whose probabilities are
+ * rounded to bf16 before they weight the values, fp32 sums divided by the (unrounded) total. */
+static void attend(const DecoderLayer *a, int64_t r, int64_t h, const uint16_t *q, float *scores, uint16_t *out) {
+    const int64_t d = a->head_dim, g = h / (a->heads / a->kv_heads);
+    const uint16_t *keys = a->keys + r * a->row_stride + g * a->head_stride;
+    const uint16_t *values = a->values + r * a->row_stride + g * a->head_stride;
+    const int64_t *mask = a->mask + r * (a->column + 1);
+    float qf[512], acc[512], top = -INFINITY, total = 0;
+    for (int64_t i = 0; i < d; i++) qf[i] = bf(q[i]), acc[i] = 0;
+    for (int64_t c = 0; c <= a->column; c++) {
+        if (!mask[c]) continue;
+        float s = 0;
+        for (int64_t i = 0; i < d; i++) s += qf[i] * bf(keys[c * d + i]);
+        scores[c] = s * a->scale;
+        if (scores[c] > top) top = scores[c];
+    }
+    for (int64_t c = 0; c <= a->column; c++) {
+        if (!mask[c]) continue;
+        const float p = expf(scores[c] - top);
+        total += p;
+        const float weight = round_f(p);
+        for (int64_t i = 0; i < d; i++) acc[i] += weight * bf(values[c * d + i]);
+    }
+    for (int64_t i = 0; i < d; i++) out[i] = to_bf16(acc[i] / total);
+}
+
+/* Runs layer a on x [rows, hidden] bf16 in place. Returns 0, or -1 if its buffers cannot be allocated. */
+int llama_decode_layer(const DecoderLayer *a, uint16_t *x) {
+    const int64_t R = a->rows, D = a->hidden, d = a->head_dim, F = a->intermediate;
+    const int64_t Q = a->heads * d, KV = a->kv_heads * d, wide = F > Q ? F : Q;
+    float *xf = malloc(sizeof(float) * R * (wide + D));
+    uint16_t *qkv = malloc(sizeof(uint16_t) * R * (2 * Q + 2 * KV + 2 * F + D));
+    float *scores = malloc(sizeof(float) * a->threads * (a->column + 1));
+    if (!xf || !qkv || !scores || d > 512) {
+        free(xf), free(qkv), free(scores);
+        return -1;
+    }
+    uint16_t *q = qkv, *k = q + R * Q, *v = k + R * KV, *gate = v + R * KV, *up = gate + R * F, *out = up + R * F,
+             *attn = out + R * D;
+
+    for (int64_t r = 0; r < R; r++) rms_norm(x + r * D, a->input_norm, D, a->eps, xf + r * D);
+    project(a, P_Q, xf, D, Q, q);
+    project(a, P_K, xf, D, KV, k);
+    project(a, P_V, xf, D, KV, v);
+    for (int64_t r = 0; r < R; r++) {
+        for (int64_t h = 0; h < a->heads; h++) rotate(q + r * Q + h * d, a->cos + r * d, a->sin + r * d, d);
+        for (int64_t g = 0; g < a->kv_heads; g++) {
+            rotate(k + r * KV + g * d, a->cos + r * d, a->sin + r * d, d);
+            const int64_t at = r * a->row_stride + g * a->head_stride + a->column * d;
+            memcpy(a->keys + at, k + r * KV + g * d, sizeof(uint16_t) * d);
+            memcpy(a->values + at, v + r * KV + g * d, sizeof(uint16_t) * d);
+        }
+    }
+#pragma omp parallel for num_threads(a->threads) schedule(static)
+    for (int64_t i = 0; i < R * a->heads; i++) {
+        const int64_t r = i / a->heads, h = i % a->heads;
+        float *mine = scores + (int64_t)omp_get_thread_num() * (a->column + 1);
+        attend(a, r, h, q + r * Q + h * d, mine, attn + r * Q + h * d);
+    }
+    for (int64_t i = 0; i < R * Q; i++) xf[i] = bf(attn[i]);
+    project(a, P_O, xf, Q, D, out);
+    for (int64_t i = 0; i < R * D; i++) x[i] = to_bf16(bf(x[i]) + bf(out[i]));
+
+    for (int64_t r = 0; r < R; r++) rms_norm(x + r * D, a->post_norm, D, a->eps, xf + r * D);
+    project(a, P_GATE, xf, D, F, gate);
+    project(a, P_UP, xf, D, F, up);
+    for (int64_t i = 0; i < R * F; i++) {
+        const float g = bf(gate[i]);
+        xf[i] = round_f(round_f(g / (1.0f + expf(-g))) * bf(up[i]));
+    }
+    project(a, P_DOWN, xf, F, D, out);
+    for (int64_t i = 0; i < R * D; i++) x[i] = to_bf16(bf(x[i]) + bf(out[i]));
+    free(xf), free(qkv), free(scores);
+    return 0;
 }

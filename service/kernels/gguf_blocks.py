@@ -13,6 +13,7 @@ import ctypes
 import enum
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -59,6 +60,8 @@ class BlockKernels:
         lib.blocks_linear.restype = i32
         lib.blocks_dequantize.argtypes = [i32, ptr, i64, i64, ptr, i32]
         lib.blocks_dequantize.restype = None
+        lib.llama_decode_layer.argtypes = [ptr, ptr]
+        lib.llama_decode_layer.restype = i32
         self._lib = lib
         self._scratch = threading.local()
 
@@ -83,6 +86,12 @@ class BlockKernels:
         code, threads = BlockFormat.of(blocks).code, torch.get_num_threads()
         self._lib.blocks_dequantize(code, blocks.data_ptr(), n, columns, out.data_ptr(), threads)
         return out
+
+    def decode_layer(self, layer: Any, x: torch.Tensor) -> None:
+        """Run the decoder layer ``layer`` (a pointer to ``llama_decode_layer``'s arguments, see
+        :mod:`service.kernels.llama_decode`) on ``x`` ``[rows, hidden]`` bf16 in place."""
+        if self._lib.llama_decode_layer(layer, x.data_ptr()) != 0:
+            raise MemoryError("the fused decode layer could not allocate its buffers")
 
     def scratch(self, elements: int) -> torch.Tensor:
         """A bf16 buffer of ``elements``, reused by this thread: expanding a layer's weights into memory

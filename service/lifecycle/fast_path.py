@@ -4,7 +4,9 @@ Decode at batch 1 on a CPU is bound by the bytes of weights read per token. The 
 bf16 weights are the exact dequantization of the GGUF's blocks (Q4_1 for the decoder layers, Q8_0
 for the tied embedding that is also the lm head), so converting it also keeps the blocks
 (``gguf_blocks.safetensors`` beside the weights, keyed by module name), and deploying it swaps each
-such linear layer for :class:`~service.kernels.gguf_blocks.BlockLinear` during warm-up. Where
+such linear layer for :class:`~service.kernels.gguf_blocks.BlockLinear` during warm-up. A Llama whose
+projections all became block layers also decodes through
+:class:`~service.kernels.llama_decode.FusedDecoder`, one kernel call per decoder layer. Where
 anything is missing (another model, a GPU, no C compiler, a CPU without AVX-512, a mismatch), the
 model serves as loaded and :class:`~service.handle.FastPath` says why.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import logging
 from pathlib import Path
@@ -99,24 +102,43 @@ def _unpermute(rows: Any, heads: int) -> Any:
     return rows.reshape(heads, n // heads // 2, 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
 
 
-def install(model: Any, model_dir: Path, cache_dir: Path) -> FastPath:
+def install(model: Any, model_dir: Path, cache_dir: Path) -> tuple[FastPath, Any]:
     """Swap every linear layer of ``model`` that has blocks in ``model_dir`` for the kernel's layer;
-    return what was done. Never raises for a model it cannot speed up."""
+    return what was done, and the fused decode step for the model's handle (``ModelHandle.decode_step``)
+    or None. Never raises for a model it cannot speed up."""
     import torch
 
+    from service.kernels import llama_decode
     from service.kernels.build import KernelUnavailableError
-    from service.kernels.gguf_blocks import BlockKernels, BlockLinear
+    from service.kernels.gguf_blocks import BlockKernels
 
     path = model_dir / BLOCKS_FILE
     if not path.is_file():
-        return FastPath(None, reason="no GGUF blocks beside the weights (a GGUF's conversion has them)")
+        return FastPath(None, reason="no GGUF blocks beside the weights (a GGUF's conversion has them)"), None
     if model.device.type != "cpu" or model.dtype != torch.bfloat16:
-        return FastPath(None, reason=f"the kernel serves bf16 on CPU, not {model.dtype} on {model.device}")
+        return FastPath(
+            None, reason=f"the kernel serves bf16 on CPU, not {model.dtype} on {model.device}"
+        ), None
     try:
         kernels = BlockKernels(cache_dir)
     except KernelUnavailableError as exc:
-        return FastPath(None, reason=f"kernel unavailable: {exc}")
+        return FastPath(None, reason=f"kernel unavailable: {exc}"), None
+    report = _swap_layers(model, path, kernels)
+    if report.kernel is None or report.reason is not None:
+        return report, None
+    unfit = llama_decode.unfit_reason(model)
+    if unfit is not None:
+        return dataclasses.replace(report, reason=unfit), None
+    return dataclasses.replace(report, fused_layers=len(model.model.layers)), llama_decode.FusedDecoder(
+        model, kernels
+    )
+
+
+def _swap_layers(model: Any, path: Path, kernels: Any) -> FastPath:
+    import torch
     from safetensors.torch import load_file
+
+    from service.kernels.gguf_blocks import BlockLinear
 
     swapped: collections.Counter[str] = collections.Counter()
     mismatched = []

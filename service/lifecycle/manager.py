@@ -290,7 +290,9 @@ class ModelManager:
         self._check_not_stopping()
         self._enter(deployment, Phase.WARMING)
         if s.fast_path:
-            fast = await _in_daemon_thread(lambda: fast_path.install(handle.model, model_dir, s.cache_dir))
+            fast, handle.decode_step = await _in_daemon_thread(
+                lambda: fast_path.install(handle.model, model_dir, s.cache_dir)
+            )
         else:
             fast = FastPath(None, reason="turned off (SERVING_FAST_PATH=false)")
         handle.info = dataclasses.replace(handle.info, fast_path=fast)

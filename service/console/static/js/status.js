@@ -153,11 +153,12 @@ export function renderStatus(feed) {
   renderHistory(document.querySelector('#history tbody'), status.history);
 }
 
-/** Which kernel serves the linear layers: the fast path's with its layers per block format, or
- *  PyTorch's with the reason the fast path does not apply. */
+/** Which kernel serves the linear layers: the fast path's with its layers per block format and its
+ *  fused decoder layers, or PyTorch's with the reason the fast path does not apply. */
 function kernel(fastPath) {
   if (!fastPath) return null;
   if (!fastPath.kernel) return `PyTorch (${fastPath.reason})`;
   const layers = Object.entries(fastPath.layers).map(([format, n]) => `${n} ${format}`);
-  return `${fastPath.kernel}: ${layers.join(', ')} layers`;
+  const fused = fastPath.fused_layers ? `; ${fastPath.fused_layers} decoder layers fused` : '';
+  return `${fastPath.kernel}: ${layers.join(', ')} layers${fused}`;
 }
