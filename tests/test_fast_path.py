@@ -6,20 +6,28 @@ need it are skipped with the reason and the fallback test shows the model still 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 import torch
 
+from service.engine import Engine, SamplingParams
 from service.handle import FastPath
 from service.kernels.build import KernelUnavailableError
 from service.kernels.gguf_blocks import GEMM_ROWS, BlockKernels, BlockLinear, dequantize_reference
 from service.kernels.llama_decode import FusedDecoder
 from service.lifecycle import fast_path, loader
 from service.lifecycle.sources import ModelSource, SourceKind
+from service.metrics import ServingMetrics
 from tests.server_process import running_server
+from tests.test_engine import consume, run_alone
 from tests.tiny_models import build_gguf_blocks_model, quantize_q4_1, quantize_q8_0
 
 PROMPTS = [
@@ -49,6 +57,18 @@ def blocks_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 QUANTIZERS = {"Q4_1": quantize_q4_1, "Q8_0": quantize_q8_0}
+GREEDY_16 = SamplingParams(max_tokens=16, temperature=0.0)
+
+
+@contextlib.asynccontextmanager
+async def _engine() -> AsyncIterator[tuple[Engine, ServingMetrics]]:
+    metrics = ServingMetrics.create(default_collectors=False)
+    engine = Engine(max_running=8, max_queued=8, metrics=metrics)
+    await engine.start()
+    try:
+        yield engine, metrics
+    finally:
+        await engine.stop()
 
 
 def random_blocks(rows: int, columns: int, seed: int = 0, fmt: str = "Q4_1") -> torch.Tensor:
@@ -288,43 +308,68 @@ def test_a_fused_decode_step_computes_what_the_models_forward_computes(
         torch.testing.assert_close(fused.values, eager.values, rtol=0.05, atol=0.05)
 
 
+@pytest.fixture
+def fused_handle(kernels: BlockKernels, blocks_model: Path, tmp_path: Path):
+    handle = load(blocks_model)
+    _, decoder = fast_path.install(handle.model, blocks_model, tmp_path)
+    return dataclasses.replace(handle, decode_step=decoder)
+
+
 async def test_the_engine_decodes_through_the_fused_layers_whatever_the_batch(
-    kernels: BlockKernels, blocks_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fused_handle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A request alone, and in a batch that others join one at a time (spliced and trimmed cache), gets
     the same tokens through the fused step: each row's arithmetic does not depend on the rows beside it.
     (Each joins after the previous one's first token, so every prompt is prefilled alone both ways:
     PyTorch's GEMM, which prefill uses, may sum differently for another number of rows.)"""
-    import asyncio
-    import dataclasses
-
-    from service.engine import Engine, SamplingParams
-    from service.metrics import ServingMetrics
-    from tests.test_engine import consume, run_alone
-
-    handle = load(blocks_model)
-    _, decoder = fast_path.install(handle.model, blocks_model, tmp_path)
-    fused = dataclasses.replace(handle, decode_step=decoder)
     steps = []
     call = FusedDecoder.__call__
     monkeypatch.setattr(FusedDecoder, "__call__", lambda self, *args: steps.append(1) or call(self, *args))
-    prompts = [handle.encode_chat(m) for m in PROMPTS]
-    params = SamplingParams(max_tokens=16, temperature=0.0)
-    engine = Engine(max_running=8, max_queued=8, metrics=ServingMetrics.create(default_collectors=False))
-    await engine.start()
-    try:
-        await run_alone(engine, handle, prompts[0], params)
-        assert not steps  # the handle without the step decodes through the model's forward
-        alone = [(await run_alone(engine, fused, p, params)).token_ids for p in prompts]
-        assert len(steps) >= len(prompts) * (params.max_tokens - 1) // 2
+    prompts = [fused_handle.encode_chat(m) for m in PROMPTS]
+    async with _engine() as (engine, _):
+        await run_alone(engine, dataclasses.replace(fused_handle, decode_step=None), prompts[0], GREEDY_16)
+        assert not steps  # a handle without the step decodes through the model's forward
+        alone = [(await run_alone(engine, fused_handle, p, GREEDY_16)).token_ids for p in prompts]
+        assert len(steps) >= len(prompts) * (GREEDY_16.max_tokens - 1) // 2
         running = []
         for prompt in prompts:
-            stream = engine.submit(fused, prompt, params)
+            stream = engine.submit(fused_handle, prompt, GREEDY_16)
             running.append(consume(stream, await anext(aiter(stream))))
         runs = await asyncio.gather(*running)
         assert [r.token_ids for r in runs] == alone
-    finally:
-        await engine.stop()
+
+
+async def test_a_failing_fused_step_ends_its_requests_and_the_next_ones_decode(
+    fused_handle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel's one error (its buffers cannot be allocated) mid-generation: the running request ends
+    in error, counted as a decode failure; the engine serves the next one with the same tokens."""
+    from service.engine import FinishReason
+    from service.metrics import ENGINE_STEP_FAILURES_TOTAL
+
+    prompt = fused_handle.encode_chat(PROMPTS[0])
+    armed = [False]
+    call = FusedDecoder.__call__
+
+    def flaky(self: FusedDecoder, *args: Any) -> Any:
+        if armed[0]:
+            armed[0] = False
+            raise MemoryError("the fused decode layer could not allocate its buffers")
+        return call(self, *args)
+
+    monkeypatch.setattr(FusedDecoder, "__call__", flaky)
+    async with _engine() as (engine, metrics):
+        before = await run_alone(engine, fused_handle, prompt, GREEDY_16)
+        stream = engine.submit(fused_handle, prompt, GREEDY_16)
+        first = await anext(aiter(stream))
+        armed[0] = True
+        failed = await consume(stream, first)
+        assert not armed[0]
+        assert failed.result.finish_reason is FinishReason.ERROR
+        labels = {"stage": "decode"}
+        assert metrics.registry.get_sample_value(ENGINE_STEP_FAILURES_TOTAL, labels) == 1
+        after = await run_alone(engine, fused_handle, prompt, GREEDY_16)
+        assert after.token_ids == before.token_ids and engine.failure is None
 
 
 def test_fused_decode_layers_need_every_projection_on_the_block_kernel(tiny_model_a: Path) -> None:
