@@ -31,6 +31,8 @@ PROJECTIONS = (
     "mlp.up_proj",
     "mlp.down_proj",
 )
+#: ``gguf_blocks.c`` keeps a head's vectors on the stack.
+MAX_HEAD_DIM = 512
 #: Cache columns added beyond the need when a layer's buffer is (re)made: one copy per this many tokens.
 ROOM = 64
 
@@ -71,6 +73,9 @@ def unfit_reason(model: Any) -> str | None:
         or getattr(config, "mlp_bias", False)
     ):
         return "fused decode layers need SiLU and bias-free projections"
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim > MAX_HEAD_DIM:
+        return f"fused decode layers take heads of at most {MAX_HEAD_DIM}, not {head_dim}"
     for i, layer in enumerate(model.model.layers):
         kinds = [type(layer.get_submodule(name)) for name in PROJECTIONS]
         if any(kind is not BlockLinear for kind in kinds):
