@@ -60,9 +60,10 @@ class Settings(BaseSettings):
     )
     fast_path: bool = Field(
         True,
-        description="On CPU, serve a model converted from a Q4_1 GGUF (the bundled one) from its Q4_1 "
-        "blocks with an AVX-512 kernel built on first use (same weights, 5 bits read per weight); GET "
-        "/model says whether it applies and why not.",
+        description="On CPU, serve a model converted from a GGUF (the bundled one) from its Q4_1/Q8_0 "
+        "blocks with an AVX-512 kernel built on first use (same weights, 5 or 8.5 bits read per weight), "
+        "and a Llama's decode steps one kernel call per layer; GET /model says whether it applies and "
+        "why not.",
     )
     max_model_bytes: int | None = Field(
         None,
