@@ -216,6 +216,29 @@ static void rotate(uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_
     for (int64_t i = 0; i < d; i++) x[i] = to_bf16(r[i]);
 }
 
+/* 16 bf16 values as fp32 (exact). */
+INLINE __m512 load_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* e^x for 16 lanes: Cephes' expf (2^n times a degree-5 polynomial on |r| <= ln2/2), within 2 ulp of glibc's
+ * and of PyTorch's vectorized exp; the callers round its results to bf16. */
+INLINE __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-103.9f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
+    r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(-2.12194440e-4f)));
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
 /* PyTorch's CPU flash attention for one query: fp32 scores times the scale, softmax whose probabilities are
  * rounded to bf16 before they weight the values, fp32 sums divided by the (unrounded) total. */
 static void attend(const DecoderLayer *a, int64_t r, int64_t h, const uint16_t *q, float *scores, uint16_t *out) {
@@ -225,19 +248,36 @@ static void attend(const DecoderLayer *a, int64_t r, int64_t h, const uint16_t *
     const int64_t *mask = a->mask + r * (a->column + 1);
     float qf[512], acc[512], top = -INFINITY, total = 0;
     for (int64_t i = 0; i < d; i++) qf[i] = bf(q[i]), acc[i] = 0;
-    for (int64_t c = 0; c <= a->column; c++) {
-        if (!mask[c]) continue;
+    /* Scores 16 columns at a time, a lane per column, each summed over i in order as the scalar tail does (the
+     * products are exact, so fused or not alike); two inputs per gathered 32 bits. */
+    int64_t c = 0;
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32((int)(d * sizeof(uint16_t))));
+    for (; c + 16 <= a->column + 1; c += 16) {
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t i = 0; i < d; i += 2) {
+            const __m512i pair = _mm512_i32gather_epi32(rows, (const void *)(keys + c * d + i), 1);
+            sum = _mm512_fmadd_ps(_mm512_set1_ps(qf[i]), _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16)), sum);
+            sum = _mm512_fmadd_ps(_mm512_set1_ps(qf[i + 1]),
+                                  _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32((int)0xFFFF0000u))), sum);
+        }
+        _mm512_storeu_ps(scores + c, _mm512_mul_ps(sum, _mm512_set1_ps(a->scale)));
+    }
+    for (; c <= a->column; c++) {
         float s = 0;
         for (int64_t i = 0; i < d; i++) s += qf[i] * bf(keys[c * d + i]);
         scores[c] = s * a->scale;
-        if (scores[c] > top) top = scores[c];
     }
+    for (c = 0; c <= a->column; c++)
+        if (mask[c] && scores[c] > top) top = scores[c];
     for (int64_t c = 0; c <= a->column; c++) {
         if (!mask[c]) continue;
         const float p = expf(scores[c] - top);
         total += p;
-        const float weight = round_f(p);
-        for (int64_t i = 0; i < d; i++) acc[i] += weight * bf(values[c * d + i]);
+        /* Each acc[i] still sums over the columns in order: the products are exact, so fused or not alike. */
+        const __m512 weight = _mm512_set1_ps(round_f(p));
+        for (int64_t i = 0; i < d; i += 16)
+            _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(weight, load_bf16(values + c * d + i), _mm512_loadu_ps(acc + i)));
     }
     for (int64_t i = 0; i < d; i++) out[i] = to_bf16(acc[i] / total);
 }
@@ -282,9 +322,10 @@ int llama_decode_layer(const DecoderLayer *a, uint16_t *x) {
     for (int64_t r = 0; r < R; r++) rms_norm(x + r * D, a->post_norm, D, a->eps, xf + r * D);
     project(a, P_GATE, xf, D, F, gate);
     project(a, P_UP, xf, D, F, up);
-    for (int64_t i = 0; i < R * F; i++) {
-        const float g = bf(gate[i]);
-        xf[i] = round_f(round_f(g / (1.0f + expf(-g))) * bf(up[i]));
+    for (int64_t i = 0; i < R * F; i += 16) { /* F % 16 == 0: F % 32 == 0 for the down projection's blocks */
+        const __m512 g = load_bf16(gate + i);
+        const __m512 silu = round_bf16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+        _mm512_storeu_ps(xf + i, round_bf16(_mm512_mul_ps(silu, load_bf16(up + i))));
     }
     project(a, P_DOWN, xf, F, D, out);
     for (int64_t i = 0; i < R * D; i++) x[i] = to_bf16(bf(x[i]) + bf(out[i]));

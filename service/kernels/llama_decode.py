@@ -31,7 +31,7 @@ PROJECTIONS = (
     "mlp.up_proj",
     "mlp.down_proj",
 )
-#: ``gguf_blocks.c`` keeps a head's vectors on the stack.
+#: ``gguf_blocks.c`` keeps a head's vectors in registers and on the stack, 16 lanes at a time.
 MAX_HEAD_DIM = 512
 #: Cache columns added beyond the need when a layer's buffer is (re)made: one copy per this many tokens.
 ROOM = 64
@@ -74,8 +74,8 @@ def unfit_reason(model: Any) -> str | None:
     ):
         return "fused decode layers need SiLU and bias-free projections"
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if head_dim > MAX_HEAD_DIM:
-        return f"fused decode layers take heads of at most {MAX_HEAD_DIM}, not {head_dim}"
+    if head_dim > MAX_HEAD_DIM or head_dim % 16:
+        return f"fused decode layers take heads of a multiple of 16 up to {MAX_HEAD_DIM}, not {head_dim}"
     for i, layer in enumerate(model.model.layers):
         kinds = [type(layer.get_submodule(name)) for name in PROJECTIONS]
         if any(kind is not BlockLinear for kind in kinds):
