@@ -21,7 +21,13 @@ import torch
 from service.engine import Engine, SamplingParams
 from service.handle import FastPath
 from service.kernels.build import KernelUnavailableError
-from service.kernels.gguf_blocks import GEMM_ROWS, BlockKernels, BlockLinear, dequantize_reference
+from service.kernels.gguf_blocks import (
+    GEMM_ROWS,
+    BlockKernels,
+    BlockLinear,
+    dequantize_reference,
+    packed,
+)
 from service.kernels.llama_decode import FusedDecoder
 from service.lifecycle import fast_path, loader
 from service.lifecycle.sources import ModelSource, SourceKind
@@ -98,7 +104,7 @@ def test_the_kernel_expands_blocks_to_exactly_the_reference_bf16_values(
     kernels: BlockKernels, fmt: str
 ) -> None:
     blocks = random_blocks(64, 256, fmt=fmt)
-    assert torch.equal(kernels.dequantize(blocks), dequantize_reference(blocks))
+    assert torch.equal(kernels.dequantize(packed(blocks)), dequantize_reference(blocks))
 
 
 @pytest.mark.parametrize("fmt", QUANTIZERS)
@@ -140,7 +146,7 @@ def test_a_built_kernel_loads_where_no_compiler_is(
     """An image builds the kernel in its build stage; its runtime has the library and no compiler."""
     monkeypatch.setenv("CC", "false")
     blocks = random_blocks(8, 64)
-    assert torch.equal(BlockKernels(kernel_cache).dequantize(blocks), dequantize_reference(blocks))
+    assert torch.equal(BlockKernels(kernel_cache).dequantize(packed(blocks)), dequantize_reference(blocks))
 
 
 def test_the_fast_path_swaps_every_layer_and_greedy_tokens_match_the_bf16_model(

@@ -32,21 +32,38 @@ GEMM_ROWS = 32
 
 
 class BlockFormat(enum.Enum):
-    """A ggml block type the kernel reads: its code in ``gguf_blocks.c`` and its bytes per block."""
+    """A ggml block type the kernel reads: its code in ``gguf_blocks.c``, its bytes per block in ggml's
+    layout, and the bytes of fp16 scale (and minimum) that :func:`packed` widens to fp32."""
 
-    Q4_1 = (0, 20)
-    Q8_0 = (1, 34)
+    Q4_1 = (0, 20, 4)
+    Q8_0 = (1, 34, 0)
 
-    def __init__(self, code: int, block_bytes: int) -> None:
-        self.code, self.block_bytes = code, block_bytes
+    def __init__(self, code: int, block_bytes: int, scale_bytes: int) -> None:
+        self.code, self.block_bytes, self.scale_bytes = code, block_bytes, scale_bytes
+        self.packed_bytes = block_bytes + scale_bytes
 
     @classmethod
     def of(cls, blocks: torch.Tensor) -> BlockFormat:
-        """The format of ``blocks`` ``[N, K/32, bytes]``, told by its bytes per block."""
+        """The format of ``blocks`` ``[N, K/32, bytes]`` in ggml's or the kernel's layout, told by its bytes
+        per block."""
         for fmt in cls:
-            if blocks.shape[-1] == fmt.block_bytes:
+            if blocks.shape[-1] in (fmt.block_bytes, fmt.packed_bytes):
                 return fmt
         raise ValueError(f"no block format has {blocks.shape[-1]} bytes per block")
+
+
+def packed(blocks: torch.Tensor) -> torch.Tensor:
+    """``blocks`` ``[N, K/32, bytes]`` in ggml's layout, in the kernel's: the same bytes, with a Q4_1
+    block's fp16 scale and minimum widened to fp32 (24 bytes a block; see ``gguf_blocks.c``)."""
+    fmt = BlockFormat.of(blocks)
+    if blocks.shape[-1] != fmt.block_bytes:
+        raise ValueError(
+            f"{fmt.name} blocks in ggml's layout have {fmt.block_bytes} bytes, not {blocks.shape[-1]}"
+        )
+    if not fmt.scale_bytes:
+        return blocks.contiguous()
+    scales = blocks[..., : fmt.scale_bytes].contiguous().view(torch.float16).float().view(torch.uint8)
+    return torch.cat([scales, blocks[..., fmt.scale_bytes :]], dim=-1)
 
 
 class BlockKernels:
@@ -66,7 +83,9 @@ class BlockKernels:
         self._scratch = threading.local()
 
     def linear(self, x: torch.Tensor, blocks: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
-        """``x`` ``[..., K]`` bf16, ``blocks`` ``[N, K/32, bytes]`` uint8: ``[..., N]`` bf16."""
+        """``x`` ``[..., K]`` bf16, ``blocks`` ``[N, K/32, bytes]`` uint8 in the kernel's layout
+        (:func:`packed`): ``[..., N]`` bf16."""
+        _check_packed(blocks, fmt)
         x = x.contiguous()
         y = torch.empty(*x.shape[:-1], blocks.shape[0], dtype=torch.bfloat16)
         k = x.shape[-1]
@@ -79,12 +98,15 @@ class BlockKernels:
         return y
 
     def dequantize(self, blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The ``[N, K]`` bf16 weights that ``blocks`` ``[N, K/32, bytes]`` hold (into ``out`` if given)."""
+        """The ``[N, K]`` bf16 weights that ``blocks`` ``[N, K/32, bytes]`` in the kernel's layout
+        (:func:`packed`) hold (into ``out`` if given)."""
+        fmt = BlockFormat.of(blocks)
+        _check_packed(blocks, fmt)
         n, columns = blocks.shape[0], blocks.shape[1] * BLOCK
         if out is None:
             out = torch.empty(n, columns, dtype=torch.bfloat16)
-        code, threads = BlockFormat.of(blocks).code, torch.get_num_threads()
-        self._lib.blocks_dequantize(code, blocks.data_ptr(), n, columns, out.data_ptr(), threads)
+        threads = torch.get_num_threads()
+        self._lib.blocks_dequantize(fmt.code, blocks.data_ptr(), n, columns, out.data_ptr(), threads)
         return out
 
     def decode_layer(self, layer: Any, x: torch.Tensor) -> None:
@@ -102,9 +124,16 @@ class BlockKernels:
         return buffer[:elements]
 
 
+def _check_packed(blocks: torch.Tensor, fmt: BlockFormat) -> None:
+    if blocks.shape[-1] != fmt.packed_bytes or not blocks.is_contiguous():
+        raise ValueError(
+            f"the kernel reads contiguous {fmt.name} blocks of {fmt.packed_bytes} bytes (packed())"
+        )
+
+
 def dequantize_reference(blocks: torch.Tensor) -> torch.Tensor:
-    """What gguf-py's dequantizer gives, rounded to bf16: ``[N, K]`` from blocks ``[N, K/32, bytes]``.
-    Pure PyTorch (no kernel needed), for checking blocks against a model's weights."""
+    """What gguf-py's dequantizer gives, rounded to bf16: ``[N, K]`` from blocks ``[N, K/32, bytes]`` in
+    ggml's layout. Pure PyTorch (no kernel needed), for checking blocks against a model's weights."""
     d = blocks[..., 0:2].contiguous().view(torch.float16).float()
     if BlockFormat.of(blocks) is BlockFormat.Q8_0:
         weights = blocks[..., 2:].contiguous().view(torch.int8).float() * d
@@ -134,8 +163,9 @@ class BlockLinear(torch.nn.Module):
     """
 
     def __init__(self, blocks: torch.Tensor, kernels: BlockKernels) -> None:
+        """``blocks`` ``[N, K/32, bytes]`` in ggml's layout (kept in the kernel's, :func:`packed`)."""
         super().__init__()
-        self.register_buffer("blocks", blocks.contiguous())
+        self.register_buffer("blocks", packed(blocks))
         self.format = BlockFormat.of(blocks)
         self.in_features, self.out_features = blocks.shape[1] * BLOCK, blocks.shape[0]
         self._kernels = kernels

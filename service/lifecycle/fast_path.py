@@ -142,7 +142,9 @@ def _swap_layers(model: Any, path: Path, kernels: Any) -> FastPath:
 
     swapped: collections.Counter[str] = collections.Counter()
     mismatched = []
-    for name, blocks in load_file(str(path)).items():
+    tensors = load_file(str(path))
+    for name in list(tensors):
+        blocks = tensors.pop(name)  # freed once packed into its layer: ggml's copy never all held twice
         parent, _, child = name.rpartition(".")
         try:
             linear = model.get_submodule(name)
@@ -180,9 +182,9 @@ def _expands_to(kernels: Any, blocks: Any, weight: Any) -> bool:
     """
     import torch
 
-    from service.kernels.gguf_blocks import BLOCK
+    from service.kernels.gguf_blocks import BLOCK, packed
 
     if blocks.shape[0] != weight.shape[0] or blocks.shape[1] * BLOCK != weight.shape[1]:
         return False
     rows = torch.tensor(sorted({0, weight.shape[0] // 2, weight.shape[0] - 1}))
-    return torch.equal(kernels.dequantize(blocks[rows].contiguous()), weight[rows])
+    return torch.equal(kernels.dequantize(packed(blocks[rows])), weight[rows])
