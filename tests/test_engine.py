@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import threading
 import weakref
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -213,6 +214,29 @@ async def test_stream_delivers_ordered_deltas_then_the_result(
     assert sample_value(metrics, PROMPT_TOKENS_TOTAL, model_id="tiny-a") == len(prompt)
     assert sample_value(metrics, GENERATION_TOKENS_TOTAL, model_id="tiny-a") == len(run.token_ids)
     assert sample_value(metrics, TIME_TO_FIRST_TOKEN_SECONDS + "_count") == 1
+
+
+async def test_the_first_token_is_delivered_before_the_next_decode_step(
+    engine: Engine, endless: ModelHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request's first token (from its prefill) reaches its stream while the decode step after it is
+    still running: here that step waits until the test has the token, so holding it back deadlocks."""
+    from service.engine.batch import HandleBatch
+
+    got_first = threading.Event()
+    decode = HandleBatch.decode
+
+    def decode_after_first_token(batch: HandleBatch) -> torch.Tensor:
+        got_first.wait(timeout=40)  # a guard against hanging the suite, not a measurement
+        return decode(batch)
+
+    monkeypatch.setattr(HandleBatch, "decode", decode_after_first_token)
+    stream = engine.submit(endless, ids(endless, PROMPTS[0]), SamplingParams(max_tokens=3, temperature=0.0))
+    first = await asyncio.wait_for(anext(aiter(stream)), timeout=30)
+    assert not got_first.is_set()  # no decode step has finished: it waits for this
+    got_first.set()
+    run = await consume(stream, first)
+    assert len(run.token_ids) == 3
 
 
 async def test_full_queue_is_refused_at_once(endless: ModelHandle, metrics: ServingMetrics) -> None:

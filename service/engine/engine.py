@@ -198,6 +198,9 @@ class Engine:
             self._retire(handle)
         for handle, seqs in plan.admitted.items():
             self._prefill(handle, seqs)
+        # New requests' first tokens go out now: held for the decode step below, every time to first
+        # token carried a whole decode step of the batch (measured: 10 of 55 ms at one stream).
+        self._output.flush()
         for handle in self._runner.handles():
             self._decode(handle)
         self._output.flush()
