@@ -19,6 +19,7 @@ import ctypes
 import dataclasses
 import gc
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,15 +137,12 @@ def install(model: Any, model_dir: Path, cache_dir: Path) -> tuple[FastPath, Any
 
 def _swap_layers(model: Any, path: Path, kernels: Any) -> FastPath:
     import torch
-    from safetensors.torch import load_file
 
     from service.kernels.gguf_blocks import BlockLinear
 
     swapped: collections.Counter[str] = collections.Counter()
     mismatched = []
-    tensors = load_file(str(path))
-    for name in list(tensors):
-        blocks = tensors.pop(name)  # freed once packed into its layer: ggml's copy never all held twice
+    for name, blocks in _one_at_a_time(path):
         parent, _, child = name.rpartition(".")
         try:
             linear = model.get_submodule(name)
@@ -171,6 +169,20 @@ def _swap_layers(model: Any, path: Path, kernels: Any) -> FastPath:
             f"{len(mismatched)} layers' blocks do not expand to their weights: {mismatched[:3]}",
         )
     return FastPath(kernel, layers)
+
+
+def _one_at_a_time(path: Path) -> Iterator[tuple[str, Any]]:
+    """The tensors of a safetensors file, each from its own opening: a layer keeps a packed copy, and the
+    file's memory map goes with each tensor instead of keeping every page that packing read resident
+    until the last one (one map for all measured 56 MB over the served peak)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as file:
+        names = list(file.keys())
+    for name in names:
+        with safe_open(str(path), framework="pt") as file:
+            tensor = file.get_tensor(name)
+        yield name, tensor
 
 
 def _expands_to(kernels: Any, blocks: Any, weight: Any) -> bool:
