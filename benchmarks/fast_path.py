@@ -1,18 +1,20 @@
 """The CPU fast path against the bf16 model it stands in for: same answers? how much faster?
 
 ``python -m benchmarks.fast_path``. Loads the bundled model twice in this process: as loaded (bf16,
-PyTorch's GEMM) and with the GGUF-block kernel serving its linear layers (``service.lifecycle.fast_path``).
+PyTorch's GEMM) and with the GGUF-block kernel serving its linear layers (``service.lifecycle.fast_path``),
+which then decodes either through transformers' layers ("block layers") or through the fused decoder
+layers ("fused", what the server runs: prefill by the model's forward, decode steps one C call a layer).
 
-- Answers: 20 short questions, 24 greedy tokens each; how many texts are identical, and whether every
-  answer to the France question says Paris.
-- Step agreement: each question's bf16 answer is fed to the fast model one token at a time (teacher
+- Answers: 20 short questions, 24 greedy tokens each, served path against bf16; how many texts are
+  identical, and whether every answer to the France question says Paris.
+- Step agreement: each question's bf16 answer is fed to the served path one token at a time (teacher
   forcing, so one early difference does not hide the rest); at how many decode steps its greedy pick
-  differs, and the bf16 model's own margin between its top two logits at those steps. The kernel
-  multiplies by the very same weights and only sums in another order, so picks can differ only where
+  differs, and the bf16 model's own margin between its top two logits at those steps. The kernels
+  multiply by the very same weights and only sum in another order, so picks can differ only where
   the two best tokens are within rounding of each other. For scale, the same count for the bf16 model
-  and for the fast path against float32 arithmetic on the same weights.
-- Speed: decode steps per second at batch 1 (median of 5 runs of 64 steps) and prefill of the
-  serving benchmark's prompt, each as fast / bf16 from the same run.
+  and for the served path against float32 arithmetic on the same weights.
+- Speed: decode steps per second at batch 1 (median of 5 runs of 64 steps) for each of the three, and
+  prefill of the serving benchmark's prompt, as ratios to bf16 from the same run.
 
 Writes benchmarks/results/fast_path.{json,md}.
 """
