@@ -61,6 +61,10 @@ class _DecoderLayer(ctypes.Structure):
     ]
 
 
+def _head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def unfit_reason(model: Any) -> str | None:
     """Why :class:`FusedDecoder` cannot run ``model`` (None if it can): it takes a ``llama`` model without
     biases, with SiLU, whose seven projections per layer are all :class:`BlockLinear`."""
@@ -73,7 +77,7 @@ def unfit_reason(model: Any) -> str | None:
         or getattr(config, "mlp_bias", False)
     ):
         return "fused decode layers need SiLU and bias-free projections"
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = _head_dim(config)
     if head_dim > MAX_HEAD_DIM or head_dim % 16:
         return f"fused decode layers take heads of a multiple of 16 up to {MAX_HEAD_DIM}, not {head_dim}"
     for i, layer in enumerate(model.model.layers):
@@ -101,7 +105,7 @@ class FusedDecoder:
         config, decoder = model.config, model.model
         self._model = model
         self._kernels = kernels
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = _head_dim(config)
         self._layers = []
         for layer in decoder.layers:
             blocks = [layer.get_submodule(name) for name in PROJECTIONS]

@@ -130,9 +130,8 @@ def install(model: Any, model_dir: Path, cache_dir: Path) -> tuple[FastPath, Any
     unfit = llama_decode.unfit_reason(model)
     if unfit is not None:
         return dataclasses.replace(report, reason=unfit), None
-    return dataclasses.replace(report, fused_layers=len(model.model.layers)), llama_decode.FusedDecoder(
-        model, kernels
-    )
+    fused = llama_decode.FusedDecoder(model, kernels)
+    return dataclasses.replace(report, fused_layers=len(model.model.layers)), fused
 
 
 def _swap_layers(model: Any, path: Path, kernels: Any) -> FastPath:
