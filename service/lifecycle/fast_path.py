@@ -146,7 +146,8 @@ def _swap_layers(model: Any, path: Path, kernels: Any) -> FastPath:
         try:
             linear = model.get_submodule(name)
             layer = BlockLinear(blocks, kernels)
-            matches = isinstance(linear, torch.nn.Linear) and _expands_to(kernels, blocks, linear.weight)
+            packed = layer.blocks  # packed once, by the layer: the check reads its rows
+            matches = isinstance(linear, torch.nn.Linear) and _expands_to(kernels, packed, linear.weight)
         except (AttributeError, ValueError):  # no such module; not a block layout
             matches = False
         if not matches:
@@ -185,7 +186,8 @@ def _one_at_a_time(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _expands_to(kernels: Any, blocks: Any, weight: Any) -> bool:
-    """Whether the first, middle and last rows of ``blocks`` expand to those rows of ``weight``.
+    """Whether the first, middle and last rows of ``blocks`` (in the kernel's layout, as a
+    :class:`~service.kernels.gguf_blocks.BlockLinear` holds them) expand to those rows of ``weight``.
 
     Conversion checked every weight (:func:`write_blocks`); this catches a stale or foreign blocks file
     without reading the rest of the bf16 weights, which stay unread in the file's memory map (reading
@@ -193,9 +195,9 @@ def _expands_to(kernels: Any, blocks: Any, weight: Any) -> bool:
     """
     import torch
 
-    from service.kernels.gguf_blocks import BLOCK, packed
+    from service.kernels.gguf_blocks import BLOCK
 
     if blocks.shape[0] != weight.shape[0] or blocks.shape[1] * BLOCK != weight.shape[1]:
         return False
     rows = torch.tensor(sorted({0, weight.shape[0] // 2, weight.shape[0] - 1}))
-    return torch.equal(kernels.dequantize(packed(blocks[rows])), weight[rows])
+    return torch.equal(kernels.dequantize(blocks[rows]), weight[rows])
