@@ -40,9 +40,15 @@ from service.lifecycle.bundled import gguf_path
 
 
 def measure(
-    system: str, base_url: str, model: str | None, sampler: servers.RssSampler, c: int, rounds: int
+    system: str,
+    base_url: str,
+    model: str | None,
+    sampler: servers.RssSampler,
+    c: int,
+    rounds: int,
+    distinct: bool = False,
 ) -> Row:
-    samples, wall = asyncio.run(run_load(base_url, model, c, rounds))
+    samples, wall = asyncio.run(run_load(base_url, model, c, rounds, distinct))
     ok = [s for s in samples if s.error is None]
     row = Row(
         system=system,
@@ -54,9 +60,11 @@ def measure(
         errors=len(samples) - len(ok),
         peak_rss_mb=sampler.peak_bytes / 2**20,
         requests=len(samples),
+        prompts="distinct" if distinct else "repeated",
     )
     print(
-        f"  {system} c={c}: {row.tok_s:.1f} tok/s, TTFT p95 {row.ttft_p95_s:.3f}s, errors {row.errors}",
+        f"  {system} c={c} ({row.prompts} prompts): {row.tok_s:.1f} tok/s, TTFT p50 {row.ttft_p50_s:.3f}s, "
+        f"p95 {row.ttft_p95_s:.3f}s, errors {row.errors}",
         flush=True,
     )
     return row
@@ -72,11 +80,13 @@ def run_system(
     args: argparse.Namespace,
     rows: list[Row],
 ) -> None:
-    """Start ``system``'s server and add one row per concurrency level to ``rows``."""
+    """Start ``system``'s server and add one row per concurrency level to ``rows``, then one of a single
+    stream sending distinct prompts (time to first token without any prompt cache)."""
     print(system, flush=True)
     with servers.server(system, argv, ready, port) as (url, sampler):
         for c in concurrency:
             rows.append(measure(system, url, model, sampler, c, rounds_for(c, args.requests)))
+        rows.append(measure(system, url, model, sampler, 1, args.requests // 2, distinct=True))
 
 
 def rounds_for(c: int, requests: int) -> int:

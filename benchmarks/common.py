@@ -47,3 +47,6 @@ class Row:
     errors: int
     peak_rss_mb: float
     requests: int = 0
+    # "repeated": every request sends the fixed prompt (servers with a prefix cache reuse it);
+    # "distinct": each its own (a cold prefill everywhere).
+    prompts: str = "repeated"

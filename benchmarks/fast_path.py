@@ -6,7 +6,8 @@ which then decodes either through transformers' layers ("block layers") or throu
 layers ("fused", what the server runs: prefill by the model's forward, decode steps one C call a layer).
 
 - Answers: 20 short questions, 24 greedy tokens each, served path against bf16; how many texts are
-  identical, and whether every answer to the France question says Paris.
+  identical, and whether every answer to the France question says Paris. And each question asked again
+  the way the server answers a prompt in its prefix cache: how many answers stay the same.
 - Step agreement: each question's bf16 answer is fed to the served path one token at a time (teacher
   forcing, so one early difference does not hide the rest); at how many decode steps its greedy pick
   differs, and the bf16 model's own margin between its top two logits at those steps. The kernels
@@ -96,14 +97,20 @@ def _step(decode: Decode, token: int, mask: Any, cache: Any) -> tuple[Any, Any]:
     return decode(torch.tensor([[token]]), mask, mask.sum(-1, keepdim=True) - 1, cache), mask
 
 
-def answers(model: Any, decode: Decode, tokenizer: Any) -> list[list[int]]:
-    """Each question's ``ANSWER_TOKENS`` greedy tokens: prefill by ``model``, decode steps by ``decode``."""
+def answers(model: Any, decode: Decode, tokenizer: Any, asked_again: bool = False) -> list[list[int]]:
+    """Each question's ``ANSWER_TOKENS`` greedy tokens: prefill by ``model``, decode steps by ``decode``.
+    ``asked_again``: as the server answers a prompt it has seen, its KV but the last token's taken from
+    the prefix cache, and that last token run as a decode step."""
     import torch
 
     out = []
     with torch.inference_mode():
         for question in QUESTIONS:
-            cache, mask, logits = _prefill(model, _prompt(tokenizer, question))
+            prompt = _prompt(tokenizer, question)
+            cache, mask, logits = _prefill(model, prompt)
+            if asked_again:
+                cache.crop(len(prompt) - 1)
+                logits, mask = _step(decode, prompt[-1], mask[:, :-1], cache)
             tokens = [int(logits[0].argmax())]
             while len(tokens) < ANSWER_TOKENS:
                 logits, mask = _step(decode, tokens[-1], mask, cache)
@@ -172,6 +179,7 @@ def measure(threads: int, cache_dir: Path) -> dict[str, Any]:
         "fused": (fast, fused),  # what the server runs: block-layer prefill, fused decode steps
     }
     bf16, served = answers(*paths["bf16"], tokenizer), answers(*paths["fused"], tokenizer)
+    again = answers(*paths["fused"], tokenizer, asked_again=True)
     margins = step_disagreements(paths["bf16"], paths["fused"], tokenizer, bf16)
     float32 = answers(exact, forward_decode(exact), tokenizer)
     against_float32 = {
@@ -187,8 +195,9 @@ def measure(threads: int, cache_dir: Path) -> dict[str, Any]:
         "layers": report.layers,
         "fused_layers": report.fused_layers,
         "identical_answers": sum(a == b for a, b in zip(bf16, served, strict=True)),
+        "identical_when_asked_again": sum(a == b for a, b in zip(served, again, strict=True)),
         "questions": len(QUESTIONS),
-        "france_says_paris": all("Paris" in tokenizer.decode(a[0]) for a in (bf16, served)),
+        "france_says_paris": all("Paris" in tokenizer.decode(a[0]) for a in (bf16, served, again)),
         "steps": sum(len(a) - 1 for a in bf16),
         "step_disagreements": len(margins),
         "largest_margin_at_a_disagreement": max(margins, default=0.0),
@@ -223,8 +232,11 @@ def markdown(result: dict[str, Any]) -> str:
         f"{1 / ratios['bf16/fast prefill time']:.2f} |",
         "",
         f"- identical {ANSWER_TOKENS}-token greedy answers, served path against bf16: "
-        f"{r['identical_answers']}/{r['questions']}; the France answer says Paris on both: "
+        f"{r['identical_answers']}/{r['questions']}; the France answer says Paris "
+        f"in bf16, served and asked again: "
         f"{'yes' if r['france_says_paris'] else 'no'}",
+        f"- asked again (all but the prompt's last token from the prefix cache, that one a decode step): "
+        f"{r['identical_when_asked_again']}/{r['questions']} served answers identical to the first asking",
         f"- teacher-forced decode steps whose greedy pick differs: {r['step_disagreements']} of "
         f"{r['steps']}; the bf16 model's own top-2 logit margin there is at most "
         f"{r['largest_margin_at_a_disagreement']:.3f}",

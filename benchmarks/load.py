@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from dataclasses import dataclass
 
 import aiohttp
@@ -22,10 +23,20 @@ class Sample:
     error: str | None = None
 
 
-async def stream_one(session: aiohttp.ClientSession, base_url: str, model: str | None) -> Sample:
-    """One streaming chat completion; times the first content chunk and the end of the stream."""
+def distinct_messages() -> list[dict[str, str]]:
+    """:data:`MESSAGES` behind a system turn that starts with a fresh id: no server can reuse the KV of
+    an earlier prompt beyond its first few tokens (a cold prefill, where the fixed prompt is cached)."""
+    system = f"Session {uuid.uuid4().hex[:8]}: you are a helpful AI assistant named SmolLM."
+    return [{"role": "system", "content": system}, *MESSAGES]
+
+
+async def stream_one(
+    session: aiohttp.ClientSession, base_url: str, model: str | None, distinct: bool = False
+) -> Sample:
+    """One streaming chat completion of the fixed prompt (``distinct``: of :func:`distinct_messages`);
+    times the first content chunk and the end of the stream."""
     body = {
-        "messages": MESSAGES,
+        "messages": distinct_messages() if distinct else MESSAGES,
         "max_tokens": NEW_TOKENS,
         "temperature": 0.0,
         "stream": True,
@@ -62,9 +73,10 @@ async def stream_one(session: aiohttp.ClientSession, base_url: str, model: str |
 
 
 async def run_load(
-    base_url: str, model: str | None, concurrency: int, rounds: int
+    base_url: str, model: str | None, concurrency: int, rounds: int, distinct: bool = False
 ) -> tuple[list[Sample], float]:
-    """``concurrency`` clients, each sending ``rounds`` requests in turn; the samples and the wall time."""
+    """``concurrency`` clients, each sending ``rounds`` requests in turn (``distinct``: each its own
+    prompt); the samples and the wall time."""
     timeout = aiohttp.ClientTimeout(total=600)
     # A new connection per request, for every system alike: llama-server closes idle keep-alive
     # connections, which a pooled client would count as errors.
@@ -72,9 +84,9 @@ async def run_load(
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
 
         async def client() -> list[Sample]:
-            return [await stream_one(session, base_url, model) for _ in range(rounds)]
+            return [await stream_one(session, base_url, model, distinct) for _ in range(rounds)]
 
-        await stream_one(session, base_url, model)  # warm-up, not counted
+        await stream_one(session, base_url, model, distinct)  # warm-up, not counted
         start = time.perf_counter()
         per_client = await asyncio.gather(*(client() for _ in range(concurrency)))
         wall = time.perf_counter() - start

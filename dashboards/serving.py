@@ -324,6 +324,21 @@ def _request_phases() -> list[Builder]:
             width=8,
         ),
         time_series(
+            "Prefix cache hit rate",
+            "Share of prompt tokens found in the prefix cache (their prefill skipped): a chat's earlier "
+            "turns and shared system prompts. Empty with SERVING_PREFIX_CACHE_MB=0.",
+            [
+                Query(
+                    ratio(
+                        m.PREFIX_CACHE_HITS_TOTAL, m.PREFIX_CACHE_QUERIES_TOTAL, S, window=W, group=("pod",)
+                    ),
+                    "{{pod}}",
+                )
+            ],
+            unit="percentunit",
+            width=8,
+        ),
+        time_series(
             "Prompt length p50 / p95",
             "Prompt tokens of finished requests (after the chat template).",
             _latency_quantiles(m.REQUEST_PROMPT_TOKENS, (0.5, 0.95)),

@@ -121,6 +121,7 @@ def create_app(
         max_queued=settings.max_queued_requests,
         request_timeout_s=settings.request_timeout_s,
         metrics=metrics,
+        prefix_cache_bytes=int(settings.prefix_cache_mb * 2**20),
     )
     app[load.SAMPLER] = load.LoadSampler(metrics, max_running=settings.max_running_requests)
     # The engine outlives the manager on shutdown: in-flight requests finish before models unload.

@@ -59,6 +59,10 @@ E2E_REQUEST_LATENCY_SECONDS = f"{PREFIX}_e2e_request_latency_seconds"
 REQUEST_PROMPT_TOKENS = f"{PREFIX}_request_prompt_tokens"
 REQUEST_GENERATION_TOKENS = f"{PREFIX}_request_generation_tokens"
 KV_CACHE_TOKENS = f"{PREFIX}_kv_cache_tokens"
+# Automatic prefix caching, in tokens as vLLM's prefix_cache_queries/prefix_cache_hits.
+PREFIX_CACHE_QUERIES_TOTAL = f"{PREFIX}_prefix_cache_queries_total"
+PREFIX_CACHE_HITS_TOTAL = f"{PREFIX}_prefix_cache_hits_total"
+PREFIX_CACHE_BYTES = f"{PREFIX}_prefix_cache_bytes"
 MAX_RUNNING_REQUESTS = f"{PREFIX}_max_running_requests"
 ENGINE_HEALTHY = f"{PREFIX}_engine_healthy"
 ENGINE_STEP_FAILURES_TOTAL = f"{PREFIX}_engine_step_failures_total"
@@ -149,6 +153,9 @@ class ServingMetrics:
     request_prompt_tokens: Histogram
     request_generation_tokens: Histogram
     kv_cache_tokens: Gauge
+    prefix_cache_queries: Counter
+    prefix_cache_hits: Counter
+    prefix_cache_bytes: Gauge
     max_running_requests: Gauge
     engine_healthy: Gauge
     engine_step_failures: Counter
@@ -325,6 +332,17 @@ class ServingMetrics:
                 KV_CACHE_TOKENS,
                 "Token positions held in the KV cache now (rows x columns, left padding included).",
                 registry=r,
+            ),
+            prefix_cache_queries=Counter(
+                PREFIX_CACHE_QUERIES_TOTAL, "Prompt tokens looked up in the prefix cache.", registry=r
+            ),
+            prefix_cache_hits=Counter(
+                PREFIX_CACHE_HITS_TOTAL,
+                "Prompt tokens found in the prefix cache (their prefill was skipped).",
+                registry=r,
+            ),
+            prefix_cache_bytes=Gauge(
+                PREFIX_CACHE_BYTES, "Bytes of keys and values the prefix caches hold now.", registry=r
             ),
             max_running_requests=Gauge(
                 MAX_RUNNING_REQUESTS, "Batch slots: most sequences generated together.", registry=r

@@ -111,6 +111,12 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         300.0, gt=0, description="Longest a request may take, queueing included, before it is cut off."
     )
+    prefix_cache_mb: float = Field(
+        128.0,
+        ge=0,
+        description="KV cache (MiB) kept to skip the prefill of prompts that start like earlier requests "
+        "(a chat's history, a shared system prompt); 0 turns prefix caching off.",
+    )
 
     # --- lifecycle ---
     events_heartbeat_s: float = Field(

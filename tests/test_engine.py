@@ -97,7 +97,9 @@ def metrics() -> ServingMetrics:
 
 @pytest.fixture
 async def engine(metrics: ServingMetrics) -> AsyncIterator[Engine]:
-    engine = Engine(max_running=16, max_queued=64, request_timeout_s=60.0, metrics=metrics)
+    engine = Engine(
+        max_running=16, max_queued=64, request_timeout_s=60.0, metrics=metrics, prefix_cache_bytes=2**26
+    )
     await engine.start()
     yield engine
     await engine.stop()

@@ -67,9 +67,9 @@ GREEDY_16 = SamplingParams(max_tokens=16, temperature=0.0)
 
 
 @contextlib.asynccontextmanager
-async def _engine() -> AsyncIterator[tuple[Engine, ServingMetrics]]:
+async def _engine(prefix_cache_bytes: int = 0) -> AsyncIterator[tuple[Engine, ServingMetrics]]:
     metrics = ServingMetrics.create(default_collectors=False)
-    engine = Engine(max_running=8, max_queued=8, metrics=metrics)
+    engine = Engine(max_running=8, max_queued=8, metrics=metrics, prefix_cache_bytes=prefix_cache_bytes)
     await engine.start()
     try:
         yield engine, metrics
@@ -343,6 +343,25 @@ async def test_the_engine_decodes_through_the_fused_layers_whatever_the_batch(
             running.append(consume(stream, await anext(aiter(stream))))
         runs = await asyncio.gather(*running)
         assert [r.token_ids for r in runs] == alone
+
+
+async def test_a_repeated_prompt_runs_its_one_uncached_token_through_the_fused_step(
+    fused_handle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the rest of the prompt in the prefix cache, its last token is a decode step: the fused layers
+    run it (one call more than the decode steps), and the greedy tokens are those of a full prefill."""
+    steps = []
+    call = FusedDecoder.__call__
+    monkeypatch.setattr(FusedDecoder, "__call__", lambda self, *args: steps.append(1) or call(self, *args))
+    prompt = fused_handle.encode_chat(PROMPTS[0])
+    async with _engine(prefix_cache_bytes=2**24) as (engine, _):
+        first = await run_alone(engine, fused_handle, prompt, GREEDY_16)
+        decode_steps = len(steps)
+        again = await run_alone(engine, fused_handle, prompt, GREEDY_16)
+    assert first.result.usage.cached_tokens == 0
+    assert again.result.usage.cached_tokens == len(prompt) - 1
+    assert len(steps) == 2 * decode_steps + 1
+    assert again.token_ids == first.token_ids
 
 
 async def test_a_failing_fused_step_ends_its_requests_and_the_next_ones_decode(

@@ -20,6 +20,7 @@ from service.api.errors import ApiError, engine_dead, model_not_ready, shutting_
 from service.api.protocol import (
     ChatMessage,
     ChoiceLogprobs,
+    PromptTokensDetails,
     SamplingFields,
     TokenLogprob,
     TopLogprob,
@@ -266,7 +267,14 @@ def usage_of(results: list[GenerationResult], n: int = 1) -> Usage:
     """Usage of a request's results, ``n`` choices per prompt: each prompt counted once."""
     prompt = sum(r.usage.prompt_tokens for r in results[::n])
     completion = sum(r.usage.completion_tokens for r in results)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(
+            cached_tokens=sum(r.usage.cached_tokens for r in results[::n])
+        ),
+    )
 
 
 def top_logprob(p: Logprob) -> TopLogprob:

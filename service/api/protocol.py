@@ -165,10 +165,15 @@ class CompletionRequest(SamplingFields, ChatLogprobsFields, _Strict):
     messages: list[ChatMessage] = Field(min_length=1)
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="Prompt tokens taken from the prefix cache instead of computed.")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class AssistantMessage(BaseModel):

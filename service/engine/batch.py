@@ -9,6 +9,7 @@ columns trimmed, so a long-gone long prompt does not keep costing attention.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,9 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from service.engine.logits import RawLogprobs, position_logprobs
+from service.engine.prefix_cache import PrefixCache, PrefixHit
 from service.engine.sequence import Sequence
+from service.engine.types import FinishReason
 from service.handle import ModelHandle
 
 
@@ -24,11 +27,22 @@ class CacheError(Exception):
     """The KV-cache surgery of a batch failed midway: every row of that batch is lost."""
 
 
+@dataclass
+class _Prefilled:
+    """One prefill forward pass: row ``i`` of ``cache``, ``mask`` and ``logits`` is ``prompts[i]``."""
+
+    prompts: list[list[int]]
+    cache: DynamicCache
+    mask: torch.Tensor  # [rows, columns], 0 on left padding
+    logits: torch.Tensor  # [rows, vocab], the next token's
+
+
 class HandleBatch:
     """Sequences of one :class:`ModelHandle` that share each forward pass."""
 
-    def __init__(self, handle: ModelHandle) -> None:
+    def __init__(self, handle: ModelHandle, prefixes: PrefixCache | None = None) -> None:
         self.handle = handle
+        self.prefixes = prefixes  # where prompts and finished sequences leave their KV for reuse
         self.device: torch.device = handle.model.device
         self.eos_ids = _eos_ids(handle)
         self.context_length = handle.info.context_length or getattr(
@@ -43,27 +57,62 @@ class HandleBatch:
         return len(self.seqs)
 
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Run the prompts of ``seqs`` and add them as new rows; return their next-token logits.
+        """Run the prompts of ``seqs`` and add them as new rows; return their next-token logits
+        ``[len(seqs), vocab]``, in the order of ``seqs``.
 
         Sequences that share one prompt list (the ``n`` choices of a request) are prefilled once: the
         forward pass runs over the distinct prompts, then their KV rows and logits are copied to every
-        sequence of the prompt. A sequence asking for ``prompt_logprobs`` gets them set here.
+        sequence of the prompt. A prompt whose beginning is in the prefix cache runs only the rest, on
+        a copy of the cached keys and values (its sequences' ``cached_tokens`` say how many tokens
+        that skipped); the others are prefilled together, left-padded. A sequence asking for
+        ``prompt_logprobs`` gets them set here (its prompt runs whole: the cache keeps no logits).
 
-        The batch is left unchanged if the forward pass raises; :class:`CacheError` if splicing the new
+        The batch is left unchanged if a forward pass raises; :class:`CacheError` if splicing the new
         rows into the shared cache failed (the other rows' cache may be broken too).
         """
-        prompts: dict[int, int] = {}  # id of a prompt list -> its row in the forward pass
-        rows = [prompts.setdefault(id(s.prompt_ids), len(prompts)) for s in seqs]
-        unique = list({id(s.prompt_ids): s.prompt_ids for s in seqs}.values())
-        width = max(len(p) for p in unique)
-        ids = torch.zeros((len(unique), width), dtype=torch.long)
-        mask = torch.zeros((len(unique), width), dtype=torch.long)
-        for row, prompt in enumerate(unique):
+        prompts = {id(s.prompt_ids): s.prompt_ids for s in seqs}
+        scored = any(s.params.prompt_logprobs is not None for s in seqs)
+        hits = {}
+        if self.prefixes is not None and not scored:
+            hits = {key: hit for key, p in prompts.items() if (hit := self.prefixes.lookup(p)) is not None}
+        parts = [self._prefill_after(prompts[key], hit) for key, hit in hits.items()]
+        if cold := [p for key, p in prompts.items() if key not in hits]:
+            parts.append(self._prefill_padded(cold, seqs, scored))
+        for seq in seqs:
+            hit = hits.get(id(seq.prompt_ids))
+            seq.cached_tokens = 0 if hit is None else hit.length
+        if self.prefixes is not None:  # before the splice: a failure here leaves the batch unchanged
+            for part in parts:
+                for row, prompt in enumerate(part.prompts):
+                    self.prefixes.insert(prompt, *_row_kv(part.cache, row, len(prompt)))
+        logits = {id(p): part.logits[row] for part in parts for row, p in enumerate(part.prompts)}
+        added: list[Sequence] = []
+        try:
+            for part in parts:
+                mine = [s for p in part.prompts for s in seqs if s.prompt_ids is p]
+                if len(mine) > len(part.prompts):  # n choices of one prompt: copy its row n times
+                    rows = {id(p): row for row, p in enumerate(part.prompts)}
+                    index = torch.tensor([rows[id(s.prompt_ids)] for s in mine], device=self.device)
+                    for layer in part.cache.layers:
+                        layer.keys, layer.values = layer.keys[index], layer.values[index]
+                    part.mask = part.mask[index]
+                self._splice(part.cache, part.mask)
+                added += mine
+        except Exception as exc:
+            raise CacheError(f"splicing {len(seqs)} new rows into the KV cache failed: {exc}") from exc
+        self.seqs.extend(added)
+        return torch.stack([logits[id(s.prompt_ids)] for s in seqs])
+
+    def _prefill_padded(self, prompts: list[list[int]], seqs: list[Sequence], scored: bool) -> _Prefilled:
+        """One forward pass over ``prompts``, left-padded to a common length, on a new cache."""
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
             ids[row, width - len(prompt) :] = torch.tensor(prompt)
             mask[row, width - len(prompt) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         cache = DynamicCache(config=self.handle.model.config)
-        scored = any(s.params.prompt_logprobs is not None for s in seqs)
         out = self.handle.model(
             input_ids=ids,
             attention_mask=mask,
@@ -75,23 +124,37 @@ class HandleBatch:
         )
         _check_layers(cache)
         if scored:
-            for seq, row in zip(seqs, rows, strict=True):
+            rows = {id(p): row for row, p in enumerate(prompts)}
+            for seq in seqs:
                 if seq.params.prompt_logprobs is not None:
                     seq.prompt_logprobs = _prompt_logprobs(
-                        out.logits[row, width - len(seq.prompt_ids) :],
+                        out.logits[rows[id(seq.prompt_ids)], width - len(seq.prompt_ids) :],
                         seq.prompt_ids,
                         seq.params.prompt_logprobs,
                     )
-        index = torch.tensor(rows, device=self.device)
-        try:
-            if len(unique) < len(seqs):
-                for layer in cache.layers:
-                    layer.keys, layer.values = layer.keys[index], layer.values[index]
-            self._splice(cache, mask[index])
-        except Exception as exc:
-            raise CacheError(f"splicing {len(seqs)} new rows into the KV cache failed: {exc}") from exc
-        self.seqs.extend(seqs)
-        return out.logits[index, -1, :]
+        return _Prefilled(prompts, cache, mask, out.logits[:, -1, :])
+
+    def _prefill_after(self, prompt: list[int], hit: PrefixHit) -> _Prefilled:
+        """``prompt`` past its cached first ``hit.length`` tokens, on a cache that starts with them. One
+        token left (the same prompt again) is a decode step, which the fused step runs when there is one."""
+        cache = DynamicCache(config=self.handle.model.config)
+        for layer, (keys, values) in enumerate(zip(hit.keys, hit.values, strict=True)):
+            cache.update(keys[None], values[None], layer)  # copies: the cached tensors stay as they are
+        ids = torch.tensor([prompt[hit.length :]], device=self.device)
+        mask = torch.ones((1, len(prompt)), dtype=torch.long, device=self.device)
+        positions = torch.arange(hit.length, len(prompt), device=self.device)[None]
+        fused = self.handle.decode_step
+        if fused is not None and ids.shape[1] == 1:
+            return _Prefilled([prompt], cache, mask, fused(ids, mask, positions, cache))
+        out = self.handle.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            **{self._cache_kwarg: cache},
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return _Prefilled([prompt], cache, mask, out.logits[:, -1, :])
 
     def decode(self) -> torch.Tensor:
         """Feed every row its last generated token; return next-token logits ``[rows, vocab]``."""
@@ -115,6 +178,8 @@ class HandleBatch:
         done = [s for s in self.seqs if s.finished]
         if not done:
             return done
+        if self.prefixes is not None:
+            self._remember(done)
         keep = [row for row, s in enumerate(self.seqs) if not s.finished]
         if not keep:
             self.seqs, self._cache, self._mask = [], None, None
@@ -131,6 +196,16 @@ class HandleBatch:
         # Last: if the surgery above raises, ``seqs`` still names every row the broken cache held.
         self.seqs = [self.seqs[row] for row in keep]
         return done
+
+    def _remember(self, done: list[Sequence]) -> None:
+        """Leave the KV of finished rows in the prefix cache: the next turn of a chat resends them."""
+        assert self.prefixes is not None and self._cache is not None and self._mask is not None
+        lengths = self._mask.sum(dim=1).tolist()
+        for row, seq in enumerate(self.seqs):
+            # The last sampled token was never fed back: the cache holds everything before it.
+            ids = seq.prompt_ids + seq.output_ids[:-1]
+            if seq in done and seq.finish_reason is not FinishReason.ERROR and len(ids) == lengths[row]:
+                self.prefixes.insert(ids, *_row_kv(self._cache, row, len(ids)))
 
     @property
     def cache_tokens(self) -> int:
@@ -167,6 +242,15 @@ def _check_layers(cache: DynamicCache) -> None:
     if not all(type(layer) is DynamicLayer for layer in cache.layers):
         # Sliding-window and other special layers keep state that left-padding would corrupt.
         raise NotImplementedError("batching needs a model whose cache layers are all full-attention")
+
+
+def _row_kv(cache: DynamicCache, row: int, tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-layer keys and values ``[kv_heads, tokens, head_dim]`` of ``row``'s last ``tokens`` columns
+    (views; a row's real tokens are its rightmost columns, padding is on the left)."""
+    return (
+        [layer.keys[row, :, -tokens:] for layer in cache.layers],
+        [layer.values[row, :, -tokens:] for layer in cache.layers],
+    )
 
 
 def _left_pad(kv: torch.Tensor, columns: int) -> torch.Tensor:

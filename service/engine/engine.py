@@ -54,7 +54,10 @@ class Engine:
         max_queued: int = 64,
         request_timeout_s: float = 300.0,
         metrics: ServingMetrics | None = None,
+        prefix_cache_bytes: int = 0,
     ) -> None:
+        """``prefix_cache_bytes``: how much KV each model may keep for prompts that start like earlier
+        sequences (:mod:`service.engine.prefix_cache`); 0, the default, turns prefix caching off."""
         if max_running < 1 or max_queued < 0:
             raise ValueError("max_running must be >= 1 and max_queued >= 0")
         self.max_running = max_running
@@ -62,7 +65,7 @@ class Engine:
         self.request_timeout_s = request_timeout_s
         self._metrics = EngineMetrics() if metrics is None else PrometheusEngineMetrics(metrics)
         self._scheduler = Scheduler(max_running, max_queued, request_timeout_s, self._metrics)
-        self._runner = ModelRunner()
+        self._runner = ModelRunner(prefix_cache_bytes)
         self.grammars = GrammarCompiler()  # constrained decoding: compile off the loop, pass in params
         self._output = OutputProcessor(self._metrics, on_delivered=self._check_idle)
         self._thread: threading.Thread | None = None
@@ -85,6 +88,11 @@ class Engine:
     def kv_cache_tokens(self) -> int:
         """Token positions held in the KV caches now (rows x columns, left padding included)."""
         return self._runner.cache_tokens
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        """Bytes of keys and values held for reuse by later prompts, over every model."""
+        return self._runner.prefix_cache_held
 
     @property
     def failure(self) -> str | None:
@@ -218,8 +226,14 @@ class Engine:
                 outside += ready
             else:
                 # The choices of one request share a prompt list, prefilled once: count it once.
-                prompts = {id(s.prompt_ids): len(s.prompt_ids) for s in ready}
-                self._metrics.prefilled(handle.info.model_id, sum(prompts.values()))
+                prompts = {id(s.prompt_ids): (len(s.prompt_ids), s.cached_tokens) for s in ready}
+                self._metrics.prefilled(
+                    handle.info.model_id,
+                    sum(tokens for tokens, _ in prompts.values()),
+                    sum(cached for _, cached in prompts.values())
+                    if self._runner.prefix_cache_bytes
+                    else None,
+                )
                 self._emit(handle, ready, logits)
         now = time.monotonic()
         for seq in outside:

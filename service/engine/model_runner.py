@@ -1,17 +1,21 @@
 """The model runner: executes a step's plan on the models (batches, KV caches, forward, sampling).
 
 One :class:`~service.engine.batch.HandleBatch` per model handle; sequences of different handles
-never share a forward pass. A handle is forgotten (with its KV cache) as soon as its last sequence
-leaves, so a swapped-out model can be freed. Runs on the scheduler thread only; its methods raise
-and leave it to the engine to decide which requests a failure ends.
+never share a forward pass. A handle's batch is forgotten (with its KV cache) as soon as its last
+sequence leaves; its prefix cache lives as long as the handle, so a swapped-out model's goes with it.
+Runs on the scheduler thread only; its methods raise and leave it to the engine to decide which
+requests a failure ends.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
 from service.engine.batch import HandleBatch
 from service.engine.logits import RawLogprobs, apply_logits_processors, position_logprobs
+from service.engine.prefix_cache import PrefixCache
 from service.engine.sampling import sample_next_tokens
 from service.engine.sequence import Sequence
 from service.handle import ModelHandle
@@ -20,8 +24,13 @@ from service.handle import ModelHandle
 class ModelRunner:
     """The running sequences of every handle, and the forward passes over them."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix_cache_bytes: int = 0) -> None:
+        """``prefix_cache_bytes``: the budget of each model handle's prefix cache; 0 turns it off."""
+        self.prefix_cache_bytes = prefix_cache_bytes
         self._batches: dict[ModelHandle, HandleBatch] = {}
+        # id(handle) -> its prefix cache, dropped when the handle is collected. A plain dict, not a
+        # WeakKeyDictionary, because the scrape thread sums it while the scheduler thread adds to it.
+        self._prefixes: dict[int, PrefixCache] = {}
 
     @property
     def busy(self) -> bool:
@@ -31,6 +40,11 @@ class ModelRunner:
     def cache_tokens(self) -> int:
         """Token positions held in all KV caches now (read at scrape time, from another thread)."""
         return sum(batch.cache_tokens for batch in list(self._batches.values()))
+
+    @property
+    def prefix_cache_held(self) -> int:
+        """Bytes of keys and values the prefix caches hold now (read at scrape time, from another thread)."""
+        return sum(cache.nbytes for cache in list(self._prefixes.values()))
 
     def handles(self) -> list[ModelHandle]:
         return list(self._batches)
@@ -43,9 +57,18 @@ class ModelRunner:
         the prompt leaves no room in the context; anything else if the handle is unusable."""
         batch = self._batches.get(handle)
         if batch is None:
-            batch = HandleBatch(handle)
+            batch = HandleBatch(handle, self._prefix_cache(handle))
             self._batches[handle] = batch
         seq.admit(batch.device, batch.context_length)
+
+    def _prefix_cache(self, handle: ModelHandle) -> PrefixCache | None:
+        if not self.prefix_cache_bytes:
+            return None
+        cache = self._prefixes.get(id(handle))
+        if cache is None:
+            cache = self._prefixes[id(handle)] = PrefixCache(self.prefix_cache_bytes)
+            weakref.finalize(handle, self._prefixes.pop, id(handle), None)
+        return cache
 
     def prefill(self, handle: ModelHandle, seqs: list[Sequence]) -> torch.Tensor:
         """Run the prompts of admitted ``seqs`` and add them to the batch; next-token logits per row.
@@ -107,3 +130,4 @@ class ModelRunner:
 
     def clear(self) -> None:
         self._batches.clear()
+        self._prefixes.clear()

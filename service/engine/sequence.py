@@ -40,6 +40,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per output token, when asked
     prompt_logprobs: list[RawLogprobs | None] | None = None  # set by the prefill, when asked
+    cached_tokens: int = 0  # prompt tokens the prefill took from the prefix cache instead of computing
     prompt_scored: list[TokenLogprobs | None] | None = None  # the same decoded, with the first token
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -138,7 +139,11 @@ class Sequence:
         return GenerationResult(
             text=self.text,
             finish_reason=reason,
-            usage=Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids)),
+            usage=Usage(
+                prompt_tokens=len(self.prompt_ids),
+                completion_tokens=len(self.output_ids),
+                cached_tokens=self.cached_tokens,
+            ),
             error=error or self.error,
             timings=self.timings(now),
             logprobs=None if self.params.logprobs is None else list(self.logprobs),

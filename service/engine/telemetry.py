@@ -29,6 +29,9 @@ class EngineState(Protocol):
     def kv_cache_tokens(self) -> int: ...
 
     @property
+    def prefix_cache_bytes(self) -> int: ...
+
+    @property
     def failure(self) -> str | None: ...
 
 
@@ -47,8 +50,9 @@ class EngineMetrics:
     def admitted(self, queue_s: float) -> None:
         """A request got a batch slot after waiting ``queue_s`` seconds."""
 
-    def prefilled(self, model_id: str, prompt_tokens: int) -> None:
-        """A prefill forward pass over ``prompt_tokens`` tokens succeeded."""
+    def prefilled(self, model_id: str, prompt_tokens: int, cached_tokens: int | None) -> None:
+        """A prefill of ``prompt_tokens`` tokens succeeded, ``cached_tokens`` of them taken from the
+        prefix cache (None: prefix caching is off)."""
 
     def decoded(self, rows: int) -> None:
         """A decode forward pass over ``rows`` sequences succeeded."""
@@ -80,6 +84,7 @@ class PrometheusEngineMetrics(EngineMetrics):
         m.num_requests_running.set_function(lambda: state.num_running)
         m.num_requests_waiting.set_function(lambda: state.num_waiting)
         m.kv_cache_tokens.set_function(lambda: state.kv_cache_tokens)
+        m.prefix_cache_bytes.set_function(lambda: state.prefix_cache_bytes)
         m.max_running_requests.set_function(lambda: state.max_running)
         m.engine_healthy.set_function(lambda: float(state.failure is None))
 
@@ -92,8 +97,11 @@ class PrometheusEngineMetrics(EngineMetrics):
     def admitted(self, queue_s: float) -> None:
         self._m.request_queue_time.observe(queue_s)
 
-    def prefilled(self, model_id: str, prompt_tokens: int) -> None:
+    def prefilled(self, model_id: str, prompt_tokens: int, cached_tokens: int | None) -> None:
         self._m.prompt_tokens.labels(model_id).inc(prompt_tokens)
+        if cached_tokens is not None:
+            self._m.prefix_cache_queries.inc(prompt_tokens)
+            self._m.prefix_cache_hits.inc(cached_tokens)
 
     def decoded(self, rows: int) -> None:
         self._m.batch_size.observe(rows)

@@ -73,6 +73,7 @@ class TokenDelta:
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, taken from the prefix cache (OpenAI's prompt_tokens_details)
 
     @property
     def total_tokens(self) -> int:
