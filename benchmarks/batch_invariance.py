@@ -1,11 +1,11 @@
 """Is greedy decoding reproducible when other requests share the batch? bf16 vs float32, and its cost.
 
 ``python -m benchmarks.batch_invariance [--model PATH]``. For each dtype, a server on the model
-(the bundled one by default): each prompt is generated alone at temperature 0 (the reference),
-then again in several trials while seven other requests (other prompts and lengths, started just
-before it) share the batch; a trial counts when its text equals the reference. Then tokens/s at
-1 and 8 concurrent streams (the serving benchmark's load) for each dtype, and float32's ratio to
-bf16. Writes benchmarks/results/batch_invariance.{json,md}.
+(the bundled one by default, prefix caching off): each prompt is generated alone at temperature 0
+(the reference), then again in several trials while seven other requests (other prompts and
+lengths, started just before it) share the batch; a trial counts when its text equals the
+reference. Then tokens/s at 1 and 8 concurrent streams (the serving benchmark's load) for each
+dtype, and float32's ratio to bf16. Writes benchmarks/results/batch_invariance.{json,md}.
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ async def reproducibility(url: str, trials: int) -> dict[str, Any]:
 
 
 def measure(model: str, dtype: str, threads: int, trials: int) -> dict[str, Any]:
-    extra = ["--dtype", dtype, "--max-running-requests", "16"]
+    # Prefix caching off: a repeated prompt would otherwise reuse the KV of its solo run, which measures
+    # another thing (benchmarks/fast_path.py counts answers that change when a prompt is asked again).
+    extra = ["--dtype", dtype, "--max-running-requests", "16", "--prefix-cache-mb", "0"]
     if Path(model).is_dir():
         extra += ["--model-root", str(Path(model).resolve().parent)]
     with tempfile.TemporaryDirectory() as state_dir:

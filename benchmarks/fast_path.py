@@ -6,8 +6,8 @@ which then decodes either through transformers' layers ("block layers") or throu
 layers ("fused", what the server runs: prefill by the model's forward, decode steps one C call a layer).
 
 - Answers: 20 short questions, 24 greedy tokens each, served path against bf16; how many texts are
-  identical, and whether every answer to the France question says Paris. And each question asked again
-  the way the server answers a prompt in its prefix cache: how many answers stay the same.
+  identical, and whether every answer to the France question says Paris. And the served answers when
+  the prompts' shared system turn comes from the prefix cache: how many stay the same.
 - Step agreement: each question's bf16 answer is fed to the served path one token at a time (teacher
   forcing, so one early difference does not hide the rest); at how many decode steps its greedy pick
   differs, and the bf16 model's own margin between its top two logits at those steps. The kernels
@@ -97,10 +97,10 @@ def _step(decode: Decode, token: int, mask: Any, cache: Any) -> tuple[Any, Any]:
     return decode(torch.tensor([[token]]), mask, mask.sum(-1, keepdim=True) - 1, cache), mask
 
 
-def answers(model: Any, decode: Decode, tokenizer: Any, asked_again: bool = False) -> list[list[int]]:
+def answers(model: Any, decode: Decode, tokenizer: Any, reused: int = 0) -> list[list[int]]:
     """Each question's ``ANSWER_TOKENS`` greedy tokens: prefill by ``model``, decode steps by ``decode``.
-    ``asked_again``: as the server answers a prompt it has seen, its KV but the last token's taken from
-    the prefix cache, and that last token run as a decode step."""
+    ``reused``: as the server answers a prompt whose first ``reused`` tokens are in its prefix cache:
+    their keys and values from an earlier prefill, the rest of the prompt run on them."""
     import torch
 
     out = []
@@ -108,9 +108,12 @@ def answers(model: Any, decode: Decode, tokenizer: Any, asked_again: bool = Fals
         for question in QUESTIONS:
             prompt = _prompt(tokenizer, question)
             cache, mask, logits = _prefill(model, prompt)
-            if asked_again:
-                cache.crop(len(prompt) - 1)
-                logits, mask = _step(decode, prompt[-1], mask[:, :-1], cache)
+            if reused:
+                cache.crop(reused - len(prompt))  # keep the first ``reused`` columns
+                rest = torch.tensor([prompt[reused:]])
+                inputs = {"input_ids": rest, "attention_mask": mask, cache_kwarg(model): cache}
+                positions = torch.arange(reused, len(prompt))[None]
+                logits = model(**inputs, position_ids=positions, logits_to_keep=1).logits[:, -1]
             tokens = [int(logits[0].argmax())]
             while len(tokens) < ANSWER_TOKENS:
                 logits, mask = _step(decode, tokens[-1], mask, cache)
@@ -179,7 +182,10 @@ def measure(threads: int, cache_dir: Path) -> dict[str, Any]:
         "fused": (fast, fused),  # what the server runs: block-layer prefill, fused decode steps
     }
     bf16, served = answers(*paths["bf16"], tokenizer), answers(*paths["fused"], tokenizer)
-    again = answers(*paths["fused"], tokenizer, asked_again=True)
+    # The prefix every question's prompt starts with: the chat template's system turn, cached once.
+    prompts = [_prompt(tokenizer, q) for q in QUESTIONS]
+    shared = next(i for i, tokens in enumerate(zip(*prompts, strict=False)) if len(set(tokens)) > 1)
+    after_shared = answers(*paths["fused"], tokenizer, reused=shared)
     margins = step_disagreements(paths["bf16"], paths["fused"], tokenizer, bf16)
     float32 = answers(exact, forward_decode(exact), tokenizer)
     against_float32 = {
@@ -195,9 +201,10 @@ def measure(threads: int, cache_dir: Path) -> dict[str, Any]:
         "layers": report.layers,
         "fused_layers": report.fused_layers,
         "identical_answers": sum(a == b for a, b in zip(bf16, served, strict=True)),
-        "identical_when_asked_again": sum(a == b for a, b in zip(served, again, strict=True)),
+        "shared_prefix_tokens": shared,
+        "identical_after_shared_prefix": sum(a == b for a, b in zip(served, after_shared, strict=True)),
         "questions": len(QUESTIONS),
-        "france_says_paris": all("Paris" in tokenizer.decode(a[0]) for a in (bf16, served, again)),
+        "france_says_paris": all("Paris" in tokenizer.decode(a[0]) for a in (bf16, served, after_shared)),
         "steps": sum(len(a) - 1 for a in bf16),
         "step_disagreements": len(margins),
         "largest_margin_at_a_disagreement": max(margins, default=0.0),
@@ -233,10 +240,12 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"- identical {ANSWER_TOKENS}-token greedy answers, served path against bf16: "
         f"{r['identical_answers']}/{r['questions']}; the France answer says Paris "
-        f"in bf16, served and asked again: "
+        f"in bf16, served, and served after the shared prefix: "
         f"{'yes' if r['france_says_paris'] else 'no'}",
-        f"- asked again (all but the prompt's last token from the prefix cache, that one a decode step): "
-        f"{r['identical_when_asked_again']}/{r['questions']} served answers identical to the first asking",
+        f"- the {r['shared_prefix_tokens']} tokens every prompt starts with (the system turn) taken from "
+        f"an earlier prefill, as the prefix cache does, the rest of the prompt run on them: "
+        f"{r['identical_after_shared_prefix']}/{r['questions']} served answers identical to a whole "
+        "prefill's (a prompt asked again exactly reuses the first asking's logits: identical)",
         f"- teacher-forced decode steps whose greedy pick differs: {r['step_disagreements']} of "
         f"{r['steps']}; the bf16 model's own top-2 logit margin there is at most "
         f"{r['largest_margin_at_a_disagreement']:.3f}",

@@ -345,23 +345,28 @@ async def test_the_engine_decodes_through_the_fused_layers_whatever_the_batch(
         assert [r.token_ids for r in runs] == alone
 
 
-async def test_a_repeated_prompt_runs_its_one_uncached_token_through_the_fused_step(
+async def test_a_prompt_one_token_past_a_cached_sequence_runs_that_token_as_a_fused_step(
     fused_handle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With the rest of the prompt in the prefix cache, its last token is a decode step: the fused layers
-    run it (one call more than the decode steps), and the greedy tokens are those of a full prefill."""
+    """A finished request leaves its prompt and completion in the prefix cache. A prompt that is that
+    prompt and the first generated token has only that token left to run: one fused step, and then it
+    continues exactly as the first request did (the fused step computes a row the same in any batch)."""
     steps = []
     call = FusedDecoder.__call__
     monkeypatch.setattr(FusedDecoder, "__call__", lambda self, *args: steps.append(1) or call(self, *args))
     prompt = fused_handle.encode_chat(PROMPTS[0])
     async with _engine(prefix_cache_bytes=2**24) as (engine, _):
         first = await run_alone(engine, fused_handle, prompt, GREEDY_16)
-        decode_steps = len(steps)
+        assert len(first.token_ids) == GREEDY_16.max_tokens
+        steps.clear()
         again = await run_alone(engine, fused_handle, prompt, GREEDY_16)
-    assert first.result.usage.cached_tokens == 0
-    assert again.result.usage.cached_tokens == len(prompt) - 1
-    assert len(steps) == 2 * decode_steps + 1
-    assert again.token_ids == first.token_ids
+        assert again.result.usage.cached_tokens == len(prompt)  # whole, with its logits: no forward
+        assert again.token_ids == first.token_ids and len(steps) == GREEDY_16.max_tokens - 1
+        steps.clear()
+        further = await run_alone(engine, fused_handle, [*prompt, first.token_ids[0]], GREEDY_16)
+    assert further.result.usage.cached_tokens == len(prompt)
+    assert len(steps) == 1 + GREEDY_16.max_tokens - 1
+    assert further.token_ids[:-1] == first.token_ids[1:]
 
 
 async def test_a_failing_fused_step_ends_its_requests_and_the_next_ones_decode(

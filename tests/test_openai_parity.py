@@ -101,14 +101,12 @@ def test_chat_logprobs_equal_a_direct_forward_pass(
 
     stream = client.chat.completions.create(**args, logprobs=True, top_logprobs=3, stream=True)
     streamed = [t for chunk in stream for c in chunk.choices if c.logprobs for t in c.logprobs.content or []]
-    # The same tokens; the logprobs within float rounding, since a repeated prompt runs its last token
-    # alone on the prefix cache's keys, not inside the prompt's forward pass.
-    assert [(t.token, t.bytes) for t in streamed] == [(t.token, t.bytes) for t in content]
-    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content], abs=1e-5)
+    assert [t.model_dump() for t in streamed] == [t.model_dump() for t in content]
     plain = client.chat.completions.create(**args)
     assert plain.choices[0].logprobs is None
+    # The prompt was prefilled before: the prefix cache kept its keys, values and next-token logits.
     details = plain.usage.prompt_tokens_details
-    assert details is not None and details.cached_tokens == plain.usage.prompt_tokens - 1
+    assert details is not None and details.cached_tokens == plain.usage.prompt_tokens
     assert plain.choices[0].message.content == completion.choices[0].message.content
 
 

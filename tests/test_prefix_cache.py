@@ -48,7 +48,8 @@ def test_a_lookup_finds_the_longest_cached_prefix_and_leaves_the_last_token() ->
     cache.insert(stored, *kv(stored))
 
     same = cache.lookup(stored)
-    assert same is not None and same.length == len(stored) - 1  # the last token must run for logits
+    assert same is not None and same.length == len(stored) - 1  # no logits kept: the last token runs
+    assert same.logits is None
     assert same.keys[1][0, :, 0].tolist() == [t + 1.0 for t in stored[:-1]]
     assert same.values[0][0, :, 0].tolist() == [-float(t) for t in stored[:-1]]
 
@@ -77,6 +78,31 @@ def test_short_sequences_and_prefixes_of_held_ones_add_nothing() -> None:
     assert len(cache) == 1 and cache.nbytes == entry_bytes(len(finished))
     hit = cache.lookup([*finished, 60])
     assert hit is not None and hit.length == len(finished)
+
+
+def test_a_prefilled_prompts_logits_make_it_a_whole_hit_even_inside_a_longer_entry() -> None:
+    cache = PrefixCache(capacity_bytes=2**20)
+    prompt = list(range(40))
+    logits = torch.arange(8, dtype=torch.float32)
+    cache.insert(prompt, *kv(prompt), logits)
+    logits.zero_()  # the cache holds its own copy
+
+    hit = cache.lookup(prompt)
+    assert hit is not None and hit.length == len(prompt)
+    assert hit.logits is not None and hit.logits.tolist() == list(range(8))
+    assert cache.nbytes == entry_bytes(40) + 8 * 4
+
+    finished = [*prompt, 50, 51, 52]  # the request's end replaces the entry and keeps the logits
+    cache.insert(finished, *kv(finished))
+    assert len(cache) == 1 and cache.nbytes == entry_bytes(len(finished)) + 8 * 4
+    hit = cache.lookup(prompt)
+    assert hit is not None and hit.length == len(prompt) and hit.logits is not None
+    # A prompt inside it that was never prefilled whole leaves its last token to compute.
+    inside = cache.lookup(finished[:42])
+    assert inside is not None and inside.length == 41 and inside.logits is None
+    cache.insert(finished[:42], *kv(finished[:42]), torch.ones(8))  # now it was
+    inside = cache.lookup(finished[:42])
+    assert inside is not None and inside.length == 42 and inside.logits is not None
 
 
 def test_the_least_recently_used_entries_go_first_and_entries_are_copies() -> None:
@@ -117,7 +143,7 @@ def chat(handle: ModelHandle, *turns: str) -> list[int]:
     return handle.encode_chat(messages)
 
 
-async def test_a_repeated_prompt_skips_all_but_its_last_token_and_gets_the_same_tokens(
+async def test_a_repeated_prompt_runs_no_forward_pass_and_gets_the_same_tokens(
     handle_a: ModelHandle,
 ) -> None:
     prompt = chat(handle_a, "The capital of France is")
@@ -130,10 +156,10 @@ async def test_a_repeated_prompt_skips_all_but_its_last_token_and_gets_the_same_
         held = sample_value(metrics, PREFIX_CACHE_BYTES)
 
     assert first.result.usage.cached_tokens == 0
-    assert again.result.usage.cached_tokens == len(prompt) - 1
+    assert again.result.usage.cached_tokens == len(prompt)  # its logits were kept too: no forward pass
     assert first.token_ids == again.token_ids == cold.token_ids
     assert sample_value(metrics, PREFIX_CACHE_QUERIES_TOTAL) == 2 * len(prompt)
-    assert sample_value(metrics, PREFIX_CACHE_HITS_TOTAL) == len(prompt) - 1
+    assert sample_value(metrics, PREFIX_CACHE_HITS_TOTAL) == len(prompt)
     assert held > 0
 
 
@@ -168,7 +194,7 @@ async def test_cached_and_fresh_prompts_prefilled_together_match_each_alone(hand
         ]
         runs = await asyncio.gather(*(consume(s) for s in streams))
     assert [r.token_ids for r in runs] == [alone[0], alone[1], alone[1], alone[2]]
-    assert runs[0].result.usage.cached_tokens == len(prompts[0]) - 1
+    assert runs[0].result.usage.cached_tokens == len(prompts[0])
 
 
 async def test_prompt_logprobs_run_the_whole_prompt(handle_a: ModelHandle) -> None:

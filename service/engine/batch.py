@@ -63,8 +63,9 @@ class HandleBatch:
         Sequences that share one prompt list (the ``n`` choices of a request) are prefilled once: the
         forward pass runs over the distinct prompts, then their KV rows and logits are copied to every
         sequence of the prompt. A prompt whose beginning is in the prefix cache runs only the rest, on
-        a copy of the cached keys and values (its sequences' ``cached_tokens`` say how many tokens
-        that skipped); the others are prefilled together, left-padded. A sequence asking for
+        a copy of the cached keys and values, and nothing if it was prefilled whole before (its
+        sequences' ``cached_tokens`` say how many tokens that skipped); the others are prefilled
+        together, left-padded. A sequence asking for
         ``prompt_logprobs`` gets them set here (its prompt runs whole: the cache keeps no logits).
 
         The batch is left unchanged if a forward pass raises; :class:`CacheError` if splicing the new
@@ -84,7 +85,7 @@ class HandleBatch:
         if self.prefixes is not None:  # before the splice: a failure here leaves the batch unchanged
             for part in parts:
                 for row, prompt in enumerate(part.prompts):
-                    self.prefixes.insert(prompt, *_row_kv(part.cache, row, len(prompt)))
+                    self.prefixes.insert(prompt, *_row_kv(part.cache, row, len(prompt)), part.logits[row])
         logits = {id(p): part.logits[row] for part in parts for row, p in enumerate(part.prompts)}
         added: list[Sequence] = []
         try:
@@ -135,13 +136,16 @@ class HandleBatch:
         return _Prefilled(prompts, cache, mask, out.logits[:, -1, :])
 
     def _prefill_after(self, prompt: list[int], hit: PrefixHit) -> _Prefilled:
-        """``prompt`` past its cached first ``hit.length`` tokens, on a cache that starts with them. One
-        token left (the same prompt again) is a decode step, which the fused step runs when there is one."""
+        """``prompt`` past its cached first ``hit.length`` tokens, on a cache that starts with them: no
+        forward pass if the cache kept the whole prompt's logits, a decode step (the fused one where
+        there is one) for one token left, the model's forward for more."""
         cache = DynamicCache(config=self.handle.model.config)
         for layer, (keys, values) in enumerate(zip(hit.keys, hit.values, strict=True)):
             cache.update(keys[None], values[None], layer)  # copies: the cached tensors stay as they are
-        ids = torch.tensor([prompt[hit.length :]], device=self.device)
         mask = torch.ones((1, len(prompt)), dtype=torch.long, device=self.device)
+        if hit.logits is not None:
+            return _Prefilled([prompt], cache, mask, hit.logits[None])
+        ids = torch.tensor([prompt[hit.length :]], device=self.device)
         positions = torch.arange(hit.length, len(prompt), device=self.device)[None]
         fused = self.handle.decode_step
         if fused is not None and ids.shape[1] == 1:

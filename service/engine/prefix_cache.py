@@ -32,11 +32,13 @@ BLOCK = 16
 @dataclass(frozen=True)
 class PrefixHit:
     """The first ``length`` tokens of a prompt, already computed: per-layer keys and values
-    ``[kv_heads, length, head_dim]`` (views of the cache's tensors: never write into them)."""
+    ``[kv_heads, length, head_dim]`` (views of the cache's tensors: never write into them), and when
+    they are the whole prompt, the next token's ``logits`` ``[vocab]`` its first prefill gave."""
 
     length: int
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    logits: torch.Tensor | None = None
 
 
 @dataclass(eq=False)
@@ -44,8 +46,12 @@ class _Entry:
     ids: list[int]
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
-    nbytes: int
-    blocks: list[int] = field(default_factory=list)  # chained hashes of its full blocks
+    blocks: list[int]  # chained hashes of its full blocks
+    logits: dict[int, torch.Tensor] = field(default_factory=dict)  # prefix length -> next-token logits
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(t) for t in (*self.keys, *self.values, *self.logits.values()))
 
 
 class PrefixCache:
@@ -61,40 +67,55 @@ class PrefixCache:
         return len(self._entries)
 
     def lookup(self, ids: list[int]) -> PrefixHit | None:
-        """The longest cached prefix of ``ids``, leaving at least its last token to compute (the next
-        token's logits come from it); None when less than one block matches."""
+        """The longest cached prefix of ``ids``; None when less than one block matches.
+
+        All of ``ids`` when a prefill of exactly these tokens left its next-token logits: the request
+        then runs no forward pass at all, and a repeated prompt gets the first token (and, the decode
+        steps being batch-invariant, the text) it got the first time. Otherwise at most all but the
+        last token, whose forward pass gives the logits."""
         entry, length = self._longest(ids)
-        length = min(length, len(ids) - 1)
-        if entry is None or length < 1:
+        if entry is None:
             return None
+        logits = entry.logits.get(len(ids)) if length == len(ids) else None
+        if logits is None:
+            length = min(length, len(ids) - 1)
         self._entries.move_to_end(id(entry))
         return PrefixHit(
-            length,
-            [k[:, :length] for k in entry.keys],
-            [v[:, :length] for v in entry.values],
+            length, [k[:, :length] for k in entry.keys], [v[:, :length] for v in entry.values], logits
         )
 
-    def insert(self, ids: list[int], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    def insert(
+        self,
+        ids: list[int],
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        logits: torch.Tensor | None = None,
+    ) -> None:
         """Remember ``ids`` with its per-layer ``keys`` and ``values`` ``[kv_heads, len(ids), head_dim]``
-        (copied). Sequences shorter than a block, or larger than the whole budget, are not kept."""
-        nbytes = sum(t.numel() * t.element_size() for t in (*keys, *values))
-        if len(ids) < BLOCK or nbytes > self.capacity_bytes:
+        and, from a prefill, the next token's ``logits`` ``[vocab]`` (all copied). Sequences shorter
+        than a block, or larger than the whole budget, are not kept."""
+        if len(ids) < BLOCK or sum(_nbytes(t) for t in (*keys, *values)) > self.capacity_bytes:
             return
+        entry = _Entry(list(ids), keys, values, list(_chain(ids)))
         for held in self._candidates(ids):
             if _is_prefix(ids, held.ids):  # already held, as this or a longer sequence
                 self._entries.move_to_end(id(held))
+                if logits is not None and len(ids) not in held.logits:
+                    held.logits[len(ids)] = logits.clone()
+                    self.nbytes += _nbytes(logits)
+                    self._evict()
                 return
-            if _is_prefix(held.ids, ids):  # the new entry holds it
+            if _is_prefix(held.ids, ids):  # the new entry holds it, and the logits it kept
+                entry.logits.update(held.logits)
                 self._remove(held)
-        entry = _Entry(
-            list(ids), [k.clone() for k in keys], [v.clone() for v in values], nbytes, list(_chain(ids))
-        )
+        entry.keys, entry.values = [k.clone() for k in keys], [v.clone() for v in values]
+        if logits is not None:
+            entry.logits[len(ids)] = logits.clone()
         self._entries[id(entry)] = entry
         for block in entry.blocks:
             self._by_block.setdefault(block, {})[id(entry)] = entry
-        self.nbytes += nbytes
-        while self.nbytes > self.capacity_bytes:
-            self._remove(next(iter(self._entries.values())))
+        self.nbytes += entry.nbytes
+        self._evict()
 
     def clear(self) -> None:
         self._entries.clear()
@@ -133,6 +154,10 @@ class PrefixCache:
             seen.update(found)
         return list(seen.values())
 
+    def _evict(self) -> None:
+        while self.nbytes > self.capacity_bytes:
+            self._remove(next(iter(self._entries.values())))
+
     def _remove(self, entry: _Entry) -> None:
         del self._entries[id(entry)]
         for block in entry.blocks:
@@ -149,6 +174,10 @@ def _chain(ids: list[int]) -> Iterator[int]:
     for start in range(0, len(ids) - BLOCK + 1, BLOCK):
         parent = hash((parent, *ids[start : start + BLOCK]))
         yield parent
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def _is_prefix(short: list[int], long: list[int]) -> bool:
