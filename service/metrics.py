@@ -94,7 +94,7 @@ CANCEL_REASONS = ("client_disconnected", "timeout")
 ROLLOUT_OUTCOMES = ("ready", "rolled_back")
 FINISH_REASONS = ("stop", "length", "cancelled", "timeout", "error")
 #: Where in a scheduler iteration a failure was caught (the request(s) it touched end with an error).
-ENGINE_STAGES = ("admit", "prefill", "decode", "sample", "detokenize", "cache")
+ENGINE_STAGES = ("admit", "prefill", "decode", "sample", "detokenize", "cache", "prefix_cache")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)

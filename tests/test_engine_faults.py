@@ -1,8 +1,8 @@
 """The engine's crash barrier, on a real engine and a tiny real model: a fault injected into one
 stage of a scheduler step (tokenizer, forward pass, logits and their processors, KV-cache surgery)
-ends only the requests it touched, is counted, and the scheduler goes on; a thread killed on purpose
-leaves a dead engine that says why and refuses new work; a stuck thread still cannot hold a request
-past its deadline."""
+ends only the requests it touched, is counted, and the scheduler goes on; one in the prefix cache's
+copies ends none; a thread killed on purpose leaves a dead engine that says why and refuses new
+work; a stuck thread still cannot hold a request past its deadline."""
 
 from __future__ import annotations
 
@@ -322,3 +322,32 @@ async def test_a_stuck_scheduler_still_cannot_hold_a_request_past_its_deadline(
             assert run.result.timings is not None
         finally:
             release.set()
+
+
+async def test_a_prefix_cache_fault_loses_its_entries_and_no_request(
+    handle: ModelHandle, metrics: ServingMetrics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copying a prompt or a finished sequence into the prefix cache fails (no memory for the copy):
+    the requests finish as if nothing happened, the failure is counted, nothing is cached; once the
+    copies work again, a repeated prompt is served from the cache."""
+    from service.engine.prefix_cache import PrefixCache
+
+    insert = PrefixCache.insert
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> None:
+        raise MemoryError("no memory for the prefix cache's copy")
+
+    prompt = ids(handle, PROMPTS[0])
+    async with started(max_running=8, max_queued=8, metrics=metrics, prefix_cache_bytes=2**24) as engine:
+        monkeypatch.setattr(PrefixCache, "insert", out_of_memory)
+        runs = await asyncio.gather(*(run_alone(engine, handle, prompt, TOKENS) for _ in range(2)))
+        assert [r.result.finish_reason for r in runs] == [FinishReason.LENGTH] * 2
+        assert runs[0].token_ids == runs[1].token_ids
+        assert failures(metrics, "prefix_cache") >= 2  # the prompts' copies, then the finished ones'
+        assert engine.prefix_cache_bytes == 0
+
+        monkeypatch.setattr(PrefixCache, "insert", insert)
+        await run_alone(engine, handle, prompt, TOKENS)
+        again = await run_alone(engine, handle, prompt, TOKENS)
+        assert again.result.usage.cached_tokens == len(prompt)
+        await assert_still_serving(engine, handle, runs[0])

@@ -82,10 +82,6 @@ class HandleBatch:
         for seq in seqs:
             hit = hits.get(id(seq.prompt_ids))
             seq.cached_tokens = 0 if hit is None else hit.length
-        if self.prefixes is not None:  # before the splice: a failure here leaves the batch unchanged
-            for part in parts:
-                for row, prompt in enumerate(part.prompts):
-                    self.prefixes.insert(prompt, *_row_kv(part.cache, row, len(prompt)), part.logits[row])
         logits = {id(p): part.logits[row] for part in parts for row, p in enumerate(part.prompts)}
         added: list[Sequence] = []
         try:
@@ -182,8 +178,6 @@ class HandleBatch:
         done = [s for s in self.seqs if s.finished]
         if not done:
             return done
-        if self.prefixes is not None:
-            self._remember(done)
         keep = [row for row, s in enumerate(self.seqs) if not s.finished]
         if not keep:
             self.seqs, self._cache, self._mask = [], None, None
@@ -201,14 +195,28 @@ class HandleBatch:
         self.seqs = [self.seqs[row] for row in keep]
         return done
 
-    def _remember(self, done: list[Sequence]) -> None:
-        """Leave the KV of finished rows in the prefix cache: the next turn of a chat resends them."""
-        assert self.prefixes is not None and self._cache is not None and self._mask is not None
+    def remember_prompts(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Leave the KV of just-prefilled ``seqs`` (rows of this batch) and their next-token ``logits``
+        ``[len(seqs), vocab]`` in the prefix cache, once per prompt. Call before their first decode step:
+        a new row's last ``len(prompt)`` columns are then its prompt's."""
+        assert self.prefixes is not None and self._cache is not None
+        rows = {id(seq): row for row, seq in enumerate(self.seqs)}
+        first = {id(seq.prompt_ids): i for i, seq in reversed(list(enumerate(seqs)))}
+        for i in first.values():
+            prompt = seqs[i].prompt_ids
+            self.prefixes.insert(prompt, *_row_kv(self._cache, rows[id(seqs[i])], len(prompt)), logits[i])
+
+    def remember_finished(self) -> None:
+        """Leave the KV of finished rows in the prefix cache (the next turn of a chat resends it); call
+        before :meth:`remove_finished` cuts them out."""
+        assert self.prefixes is not None
+        if self._cache is None or self._mask is None or not any(s.finished for s in self.seqs):
+            return
         lengths = self._mask.sum(dim=1).tolist()
         for row, seq in enumerate(self.seqs):
             # The last sampled token was never fed back: the cache holds everything before it.
             ids = seq.prompt_ids + seq.output_ids[:-1]
-            if seq in done and seq.finish_reason is not FinishReason.ERROR and len(ids) == lengths[row]:
+            if seq.finished and seq.finish_reason is not FinishReason.ERROR and len(ids) == lengths[row]:
                 self.prefixes.insert(ids, *_row_kv(self._cache, row, len(ids)))
 
     @property

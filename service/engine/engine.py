@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import torch
 
@@ -227,14 +228,10 @@ class Engine:
             else:
                 # The choices of one request share a prompt list, prefilled once: count it once.
                 prompts = {id(s.prompt_ids): (len(s.prompt_ids), s.cached_tokens) for s in ready}
-                self._metrics.prefilled(
-                    handle.info.model_id,
-                    sum(tokens for tokens, _ in prompts.values()),
-                    sum(cached for _, cached in prompts.values())
-                    if self._runner.prefix_cache_bytes
-                    else None,
-                )
+                cached = sum(c for _, c in prompts.values()) if self._runner.prefix_cache_bytes else None
+                self._metrics.prefilled(handle.info.model_id, sum(n for n, _ in prompts.values()), cached)
                 self._emit(handle, ready, logits)
+                self._keep_prefixes(lambda: self._runner.remember_prompts(handle, ready, logits))
         now = time.monotonic()
         for seq in outside:
             self._end(seq, now)
@@ -284,6 +281,7 @@ class Engine:
 
     def _retire(self, handle: ModelHandle) -> None:
         """End the sequences of ``handle`` that finished, cutting them out of the batch."""
+        self._keep_prefixes(lambda: self._runner.remember_finished(handle))
         try:
             done = self._runner.retire(handle)
         except Exception as exc:  # the cache surgery failed midway: the whole batch is lost
@@ -292,6 +290,14 @@ class Engine:
         now = time.monotonic()
         for seq in done:
             self._end(seq, now)
+
+    def _keep_prefixes(self, remember: Callable[[], None]) -> None:
+        """Fill the prefix cache; a failure (say, no memory for the copy) loses those entries only."""
+        try:
+            remember()
+        except Exception as exc:
+            log.error("prefix cache entries not kept; requests go on", exc_info=exc)
+            self._metrics.step_failed("prefix_cache")
 
     def _lose_batch(
         self, handle: ModelHandle, stage: str, exc: Exception, also: list[Sequence] | None = None

@@ -75,6 +75,20 @@ class ModelRunner:
         Raises :class:`~service.engine.batch.CacheError` if the batch's cache was damaged."""
         return self._batches[handle].prefill(seqs)
 
+    def remember_prompts(self, handle: ModelHandle, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Copy the prompts of just-prefilled ``seqs`` and their next-token ``logits`` (one row each) into
+        ``handle``'s prefix cache. A failure loses those entries only: the batch is not touched."""
+        batch = self._batches.get(handle)
+        if batch is not None and batch.prefixes is not None:
+            batch.remember_prompts(seqs, logits)
+
+    def remember_finished(self, handle: ModelHandle) -> None:
+        """Copy the finished sequences of ``handle``'s batch into its prefix cache; before :meth:`retire`.
+        A failure loses those entries only: the batch is not touched."""
+        batch = self._batches.get(handle)
+        if batch is not None and batch.prefixes is not None:
+            batch.remember_finished()
+
     def decode(self, handle: ModelHandle) -> tuple[list[Sequence], torch.Tensor]:
         """One decode step for every row of ``handle``'s batch: its sequences and their logits. After an
         exception the batch's cache may be half-updated: :meth:`drop` it."""
