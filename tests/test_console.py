@@ -201,6 +201,15 @@ def test_model_output_is_text_never_markup(console: Console) -> None:
     assert console.dialogs == []
 
 
+def test_the_next_turn_shows_the_prompt_tokens_the_prefix_cache_held(console: Console) -> None:
+    figures = console.page.locator("#chat-figures")
+    console.chat("Tell me about the quick brown fox and the lazy dog, please", max_tokens=3)
+    expect(figures).to_contain_text("3 completion")
+    console.chat("And once more", max_tokens=2)
+    expect(figures).to_contain_text("2 completion")
+    expect(figures).to_contain_text(re.compile(r"\d+ prompt \(\d+ cached\) \+ 2 completion"))
+
+
 def test_deploy_without_the_admin_token_shows_the_401(console: Console) -> None:
     console.deploy("tiny-b")
     message = console.page.locator("#deploy-message")

@@ -93,7 +93,7 @@ export function setupChat() {
       ['time to first token', seconds(firstTokenAt === null ? null : (firstTokenAt - started) / 1000)],
       ['tokens/s', tokens && decodeS ? (tokens / decodeS).toFixed(1) : '—'],
       ['finish reason', finish ?? '—'],
-      ['usage', usage ? `${usage.prompt_tokens} prompt + ${usage.completion_tokens} completion = ${usage.total_tokens} tokens` : '—'],
+      ['usage', usage ? `${usage.prompt_tokens} prompt${cachedNote(usage)} + ${usage.completion_tokens} completion = ${usage.total_tokens} tokens` : '—'],
     ]);
   }
 
@@ -130,4 +130,10 @@ export function setupChat() {
     facts(figures, []);
     errorLine.textContent = '';
   });
+}
+
+// The prompt tokens the server's prefix cache already held (the conversation so far): " (31 cached)".
+function cachedNote(usage) {
+  const cached = usage.prompt_tokens_details?.cached_tokens;
+  return cached ? ` (${cached} cached)` : '';
 }
