@@ -7,9 +7,7 @@ need it are skipped with the reason and the fallback test shows the model still 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.engine import Engine, SamplingParams
+from service.engine import SamplingParams
 from service.handle import FastPath
 from service.kernels.build import KernelUnavailableError
 from service.kernels.gguf_blocks import (
@@ -31,9 +29,9 @@ from service.kernels.gguf_blocks import (
 from service.kernels.llama_decode import FusedDecoder
 from service.lifecycle import fast_path, loader
 from service.lifecycle.sources import ModelSource, SourceKind
-from service.metrics import ServingMetrics
 from tests.server_process import running_server
 from tests.test_engine import consume, run_alone
+from tests.test_prefix_cache import engine_with
 from tests.tiny_models import build_gguf_blocks_model, quantize_q4_1, quantize_q8_0
 
 PROMPTS = [
@@ -64,17 +62,6 @@ def blocks_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 QUANTIZERS = {"Q4_1": quantize_q4_1, "Q8_0": quantize_q8_0}
 GREEDY_16 = SamplingParams(max_tokens=16, temperature=0.0)
-
-
-@contextlib.asynccontextmanager
-async def _engine(prefix_cache_bytes: int = 0) -> AsyncIterator[tuple[Engine, ServingMetrics]]:
-    metrics = ServingMetrics.create(default_collectors=False)
-    engine = Engine(max_running=8, max_queued=8, metrics=metrics, prefix_cache_bytes=prefix_cache_bytes)
-    await engine.start()
-    try:
-        yield engine, metrics
-    finally:
-        await engine.stop()
 
 
 def random_blocks(rows: int, columns: int, seed: int = 0, fmt: str = "Q4_1") -> torch.Tensor:
@@ -332,7 +319,7 @@ async def test_the_engine_decodes_through_the_fused_layers_whatever_the_batch(
     call = FusedDecoder.__call__
     monkeypatch.setattr(FusedDecoder, "__call__", lambda self, *args: steps.append(1) or call(self, *args))
     prompts = [fused_handle.encode_chat(m) for m in PROMPTS]
-    async with _engine() as (engine, _):
+    async with engine_with(0) as (engine, _):
         await run_alone(engine, dataclasses.replace(fused_handle, decode_step=None), prompts[0], GREEDY_16)
         assert not steps  # a handle without the step decodes through the model's forward
         alone = [(await run_alone(engine, fused_handle, p, GREEDY_16)).token_ids for p in prompts]
@@ -355,7 +342,7 @@ async def test_a_prompt_one_token_past_a_cached_sequence_runs_that_token_as_a_fu
     call = FusedDecoder.__call__
     monkeypatch.setattr(FusedDecoder, "__call__", lambda self, *args: steps.append(1) or call(self, *args))
     prompt = fused_handle.encode_chat(PROMPTS[0])
-    async with _engine(prefix_cache_bytes=2**24) as (engine, _):
+    async with engine_with(2**24) as (engine, _):
         first = await run_alone(engine, fused_handle, prompt, GREEDY_16)
         assert len(first.token_ids) == GREEDY_16.max_tokens
         steps.clear()
@@ -388,7 +375,7 @@ async def test_a_failing_fused_step_ends_its_requests_and_the_next_ones_decode(
         return call(self, *args)
 
     monkeypatch.setattr(FusedDecoder, "__call__", flaky)
-    async with _engine() as (engine, metrics):
+    async with engine_with(0) as (engine, metrics):
         before = await run_alone(engine, fused_handle, prompt, GREEDY_16)
         stream = engine.submit(fused_handle, prompt, GREEDY_16)
         first = await anext(aiter(stream))
