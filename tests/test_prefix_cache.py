@@ -197,6 +197,25 @@ async def test_cached_and_fresh_prompts_prefilled_together_match_each_alone(hand
     assert runs[0].result.usage.cached_tokens == len(prompts[0])
 
 
+async def test_cached_prompts_of_other_lengths_share_one_forward_pass_and_match_each_alone(
+    handle_a: ModelHandle,
+) -> None:
+    """Whole hits of two lengths, and prompts one token past two finished sequences, submitted together
+    (one step admits them all, as a probe showed in every run: each group's cached keys left-padded to
+    one length, one forward pass for the group): every request gets the tokens it gets alone without
+    the cache."""
+    short, long = chat(handle_a, "Hello!"), chat(handle_a, "Kubernetes runs containers; Grafana draws")
+    async with engine_with(2**24) as (engine, _):
+        first = [await consume(engine.submit(handle_a, p, GREEDY)) for p in (short, long)]
+        extended = [[*p, run.token_ids[0]] for p, run in zip((short, long), first, strict=True)]
+        prompts = [short, long, *extended]
+        runs = await asyncio.gather(*(consume(engine.submit(handle_a, p, GREEDY)) for p in prompts))
+    async with engine_with(0) as (cold_engine, _):
+        alone = [(await consume(cold_engine.submit(handle_a, p, GREEDY))).token_ids for p in prompts]
+    assert [r.token_ids for r in runs] == alone
+    assert [r.result.usage.cached_tokens for r in runs] == [len(p) for p in (short, long, short, long)]
+
+
 async def test_prompt_logprobs_run_the_whole_prompt(handle_a: ModelHandle) -> None:
     prompt = chat(handle_a, "The capital of France is")
     scored = dataclasses.replace(GREEDY, prompt_logprobs=1)

@@ -76,7 +76,11 @@ class HandleBatch:
         hits = {}
         if self.prefixes is not None and not scored:
             hits = {key: hit for key, p in prompts.items() if (hit := self.prefixes.lookup(p)) is not None}
-        parts = [self._prefill_after(prompts[key], hit) for key, hit in hits.items()]
+        # Prompts with as many tokens left to run (none: a whole hit) share one forward pass.
+        rest: dict[int, list[tuple[list[int], PrefixHit]]] = {}
+        for key, hit in hits.items():
+            rest.setdefault(len(prompts[key]) - hit.length, []).append((prompts[key], hit))
+        parts = [self._prefill_after(group) for group in rest.values()]
         if cold := [p for key, p in prompts.items() if key not in hits]:
             parts.append(self._prefill_padded(cold, seqs, scored))
         for seq in seqs:
@@ -131,21 +135,30 @@ class HandleBatch:
                     )
         return _Prefilled(prompts, cache, mask, out.logits[:, -1, :])
 
-    def _prefill_after(self, prompt: list[int], hit: PrefixHit) -> _Prefilled:
-        """``prompt`` past its cached first ``hit.length`` tokens, on a cache that starts with them: no
-        forward pass if the cache kept the whole prompt's logits, a decode step (the fused one where
-        there is one) for one token left, the model's forward for more."""
+    def _prefill_after(self, group: list[tuple[list[int], PrefixHit]]) -> _Prefilled:
+        """Prompts past their cached first ``hit.length`` tokens, each with as many tokens left, on one
+        cache that starts with the cached keys and values (left-padded to a common length): no forward
+        pass for whole hits (the cache kept their logits), a decode step for one token left (the fused
+        one where there is one), the model's forward for more."""
+        prompts, hits = [p for p, _ in group], [h for _, h in group]
+        past = max(h.length for h in hits)
         cache = DynamicCache(config=self.handle.model.config)
-        for layer, (keys, values) in enumerate(zip(hit.keys, hit.values, strict=True)):
-            cache.update(keys[None], values[None], layer)  # copies: the cached tensors stay as they are
-        mask = torch.ones((1, len(prompt)), dtype=torch.long, device=self.device)
-        if hit.logits is not None:
-            return _Prefilled([prompt], cache, mask, hit.logits[None])
-        ids = torch.tensor([prompt[hit.length :]], device=self.device)
-        positions = torch.arange(hit.length, len(prompt), device=self.device)[None]
+        for layer in range(len(hits[0].keys)):  # copies: the cached tensors stay as they are
+            keys = torch.stack([_left_pad(h.keys[layer], past - h.length) for h in hits])
+            values = torch.stack([_left_pad(h.values[layer], past - h.length) for h in hits])
+            cache.update(keys, values, layer)
+        left = len(prompts[0]) - hits[0].length
+        mask = torch.zeros((len(group), past + left), dtype=torch.long)
+        for row, hit in enumerate(hits):
+            mask[row, past - hit.length :] = 1
+        mask = mask.to(self.device)
+        if not left:
+            return _Prefilled(prompts, cache, mask, torch.stack([h.logits for h in hits]))
+        ids = torch.tensor([p[h.length :] for p, h in group], device=self.device)
+        positions = torch.tensor([list(range(h.length, h.length + left)) for h in hits], device=self.device)
         fused = self.handle.decode_step
-        if fused is not None and ids.shape[1] == 1:
-            return _Prefilled([prompt], cache, mask, fused(ids, mask, positions, cache))
+        if fused is not None and left == 1 and len(group) <= fused.max_rows:
+            return _Prefilled(prompts, cache, mask, fused(ids, mask, positions, cache))
         out = self.handle.model(
             input_ids=ids,
             attention_mask=mask,
@@ -154,7 +167,7 @@ class HandleBatch:
             use_cache=True,
             logits_to_keep=1,
         )
-        return _Prefilled([prompt], cache, mask, out.logits[:, -1, :])
+        return _Prefilled(prompts, cache, mask, out.logits[:, -1, :])
 
     def decode(self) -> torch.Tensor:
         """Feed every row its last generated token; return next-token logits ``[rows, vocab]``."""
@@ -266,7 +279,7 @@ def _row_kv(cache: DynamicCache, row: int, tokens: int) -> tuple[list[torch.Tens
 
 
 def _left_pad(kv: torch.Tensor, columns: int) -> torch.Tensor:
-    """Pad a ``[rows, heads, columns, head_dim]`` cache tensor with ``columns`` zero columns on the left."""
+    """Pad a cache tensor (``[..., columns, head_dim]``) with ``columns`` zero columns on the left."""
     return F.pad(kv, (0, 0, columns, 0)) if columns else kv
 
 
