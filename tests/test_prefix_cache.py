@@ -1,12 +1,15 @@
 """Automatic prefix caching: the cache's matching and eviction, and the engine reusing it on a tiny real
-Llama (float32, CPU) with the same tokens as a prefill from scratch."""
+Llama (float32, CPU) with the same tokens as a prefill from scratch; and a prompt that several requests
+send at once prefilled once."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import torch
@@ -214,6 +217,41 @@ async def test_cached_prompts_of_other_lengths_share_one_forward_pass_and_match_
         alone = [(await consume(cold_engine.submit(handle_a, p, GREEDY))).token_ids for p in prompts]
     assert [r.token_ids for r in runs] == alone
     assert [r.result.usage.cached_tokens for r in runs] == [len(p) for p in (short, long, short, long)]
+
+
+def test_requests_with_the_same_prompt_in_one_prefill_run_it_once(handle_a: ModelHandle) -> None:
+    """Three requests with one text (three prompt lists) and another, prefilled together: the forward
+    pass has two rows, and every sequence gets the logits and KV row of its prompt."""
+    from service.engine.model_runner import ModelRunner
+    from service.engine.sequence import Sequence
+    from service.engine.stream import GenerationStream
+
+    texts = ["The capital of France is"] * 3 + ["Hello!"]
+    seqs = [
+        Sequence(str(i), handle_a, chat(handle_a, t), GREEDY, GenerationStream(str(i), print), 0.0, 1e9)
+        for i, t in enumerate(texts)
+    ]
+    rows = []
+    forward = handle_a.model.forward
+
+    @functools.wraps(forward)  # keeps the signature the batch inspects for its cache keyword
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        rows.append(len(kwargs["input_ids"]))
+        return forward(*args, **kwargs)
+
+    runner = ModelRunner()
+    handle_a.model.forward = counting
+    try:
+        for seq in seqs:
+            runner.admit(handle_a, seq)
+        with torch.inference_mode():
+            logits = runner.prefill(handle_a, seqs)
+    finally:
+        handle_a.model.forward = forward
+    assert rows == [2]
+    assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])
+    assert not torch.equal(logits[0], logits[3])
+    assert runner.cache_tokens == 4 * len(seqs[0].prompt_ids)  # four rows, padded to the longest
 
 
 async def test_prompt_logprobs_run_the_whole_prompt(handle_a: ModelHandle) -> None:

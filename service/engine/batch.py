@@ -60,18 +60,19 @@ class HandleBatch:
         """Run the prompts of ``seqs`` and add them as new rows; return their next-token logits
         ``[len(seqs), vocab]``, in the order of ``seqs``.
 
-        Sequences that share one prompt list (the ``n`` choices of a request) are prefilled once: the
-        forward pass runs over the distinct prompts, then their KV rows and logits are copied to every
-        sequence of the prompt. A prompt whose beginning is in the prefix cache runs only the rest, on
-        a copy of the cached keys and values, and nothing if it was prefilled whole before (its
-        sequences' ``cached_tokens`` say how many tokens that skipped); the others are prefilled
-        together, left-padded. A sequence asking for
+        Sequences with the same prompt (the ``n`` choices of a request, or requests that came together
+        with the same text) are prefilled once: the forward pass runs over the distinct prompts, then
+        their KV rows and logits are copied to every sequence of the prompt. A prompt whose beginning is
+        in the prefix cache runs only the rest, on a copy of the cached keys and values, and nothing if
+        it was prefilled whole before (its sequences' ``cached_tokens`` say how many tokens that
+        skipped); the others are prefilled together, left-padded. A sequence asking for
         ``prompt_logprobs`` gets them set here (its prompt runs whole: the cache keeps no logits).
 
         The batch is left unchanged if a forward pass raises; :class:`CacheError` if splicing the new
         rows into the shared cache failed (the other rows' cache may be broken too).
         """
-        prompts = {id(s.prompt_ids): s.prompt_ids for s in seqs}
+        keys = {id(s): tuple(s.prompt_ids) for s in seqs}
+        prompts = {keys[id(s)]: s.prompt_ids for s in seqs}
         scored = any(s.params.prompt_logprobs is not None for s in seqs)
         hits = {}
         if self.prefixes is not None and not scored:
@@ -79,21 +80,21 @@ class HandleBatch:
         # Prompts with as many tokens left to run (none: a whole hit) share one forward pass.
         rest: dict[int, list[tuple[list[int], PrefixHit]]] = {}
         for key, hit in hits.items():
-            rest.setdefault(len(prompts[key]) - hit.length, []).append((prompts[key], hit))
+            rest.setdefault(len(key) - hit.length, []).append((prompts[key], hit))
         parts = [self._prefill_after(group) for group in rest.values()]
         if cold := [p for key, p in prompts.items() if key not in hits]:
             parts.append(self._prefill_padded(cold, seqs, scored))
         for seq in seqs:
-            hit = hits.get(id(seq.prompt_ids))
+            hit = hits.get(keys[id(seq)])
             seq.cached_tokens = 0 if hit is None else hit.length
-        logits = {id(p): part.logits[row] for part in parts for row, p in enumerate(part.prompts)}
+        logits = {tuple(p): part.logits[row] for part in parts for row, p in enumerate(part.prompts)}
         added: list[Sequence] = []
         try:
             for part in parts:
-                mine = [s for p in part.prompts for s in seqs if s.prompt_ids is p]
-                if len(mine) > len(part.prompts):  # n choices of one prompt: copy its row n times
-                    rows = {id(p): row for row, p in enumerate(part.prompts)}
-                    index = torch.tensor([rows[id(s.prompt_ids)] for s in mine], device=self.device)
+                rows = {tuple(p): row for row, p in enumerate(part.prompts)}
+                mine = [s for s in seqs if keys[id(s)] in rows]
+                if len(mine) > len(part.prompts):  # a prompt of several sequences: copy its row
+                    index = torch.tensor([rows[keys[id(s)]] for s in mine], device=self.device)
                     for layer in part.cache.layers:
                         layer.keys, layer.values = layer.keys[index], layer.values[index]
                     part.mask = part.mask[index]
@@ -102,7 +103,7 @@ class HandleBatch:
         except Exception as exc:
             raise CacheError(f"splicing {len(seqs)} new rows into the KV cache failed: {exc}") from exc
         self.seqs.extend(added)
-        return torch.stack([logits[id(s.prompt_ids)] for s in seqs])
+        return torch.stack([logits[keys[id(s)]] for s in seqs])
 
     def _prefill_padded(self, prompts: list[list[int]], seqs: list[Sequence], scored: bool) -> _Prefilled:
         """One forward pass over ``prompts``, left-padded to a common length, on a new cache."""
@@ -125,11 +126,11 @@ class HandleBatch:
         )
         _check_layers(cache)
         if scored:
-            rows = {id(p): row for row, p in enumerate(prompts)}
+            rows = {tuple(p): row for row, p in enumerate(prompts)}
             for seq in seqs:
                 if seq.params.prompt_logprobs is not None:
                     seq.prompt_logprobs = _prompt_logprobs(
-                        out.logits[rows[id(seq.prompt_ids)], width - len(seq.prompt_ids) :],
+                        out.logits[rows[tuple(seq.prompt_ids)], width - len(seq.prompt_ids) :],
                         seq.prompt_ids,
                         seq.params.prompt_logprobs,
                     )
