@@ -211,14 +211,13 @@ class HandleBatch:
 
     def remember_prompts(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Leave the KV of just-prefilled ``seqs`` (rows of this batch) and their next-token ``logits``
-        ``[len(seqs), vocab]`` in the prefix cache, once per prompt. Call before their first decode step:
-        a new row's last ``len(prompt)`` columns are then its prompt's."""
+        ``[len(seqs), vocab]`` in the prefix cache (a prompt already there is only marked as used). Call
+        before their first decode step: a new row's last ``len(prompt)`` columns are then its prompt's."""
         assert self.prefixes is not None and self._cache is not None
         rows = {id(seq): row for row, seq in enumerate(self.seqs)}
-        first = {id(seq.prompt_ids): i for i, seq in reversed(list(enumerate(seqs)))}
-        for i in first.values():
-            prompt = seqs[i].prompt_ids
-            self.prefixes.insert(prompt, *_row_kv(self._cache, rows[id(seqs[i])], len(prompt)), logits[i])
+        for seq, next_token in zip(seqs, logits, strict=True):
+            kv = _row_kv(self._cache, rows[id(seq)], len(seq.prompt_ids))
+            self.prefixes.insert(seq.prompt_ids, *kv, next_token)
 
     def remember_finished(self) -> None:
         """Leave the KV of finished rows in the prefix cache (the next turn of a chat resends it); call

@@ -96,7 +96,7 @@ class PrefixCache:
         than a block, or larger than the whole budget, are not kept."""
         if len(ids) < BLOCK or sum(_nbytes(t) for t in (*keys, *values)) > self.capacity_bytes:
             return
-        entry = _Entry(list(ids), keys, values, list(_chain(ids)))
+        entry = _Entry(list(ids), [], [], list(_chain(ids)))
         for held in self._candidates(ids):
             if _is_prefix(ids, held.ids):  # already held, as this or a longer sequence
                 self._entries.move_to_end(id(held))
@@ -116,11 +116,6 @@ class PrefixCache:
             self._by_block.setdefault(block, {})[id(entry)] = entry
         self.nbytes += entry.nbytes
         self._evict()
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self._by_block.clear()
-        self.nbytes = 0
 
     def _longest(self, ids: list[int]) -> tuple[_Entry | None, int]:
         """The entry sharing the longest prefix with ``ids``, and that prefix's length."""
