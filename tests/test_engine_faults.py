@@ -344,7 +344,7 @@ async def test_a_prefix_cache_fault_loses_its_entries_and_no_request(
         assert [r.result.finish_reason for r in runs] == [FinishReason.LENGTH] * 2
         assert runs[0].token_ids == runs[1].token_ids
         assert failures(metrics, "prefix_cache") >= 2  # the prompts' copies, then the finished ones'
-        assert engine.prefix_cache_bytes == 0
+        assert engine.prefix_cache_held == 0
 
         monkeypatch.setattr(PrefixCache, "insert", insert)
         await run_alone(engine, handle, prompt, TOKENS)

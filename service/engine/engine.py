@@ -91,7 +91,7 @@ class Engine:
         return self._runner.cache_tokens
 
     @property
-    def prefix_cache_bytes(self) -> int:
+    def prefix_cache_held(self) -> int:
         """Bytes of keys and values held for reuse by later prompts, over every model."""
         return self._runner.prefix_cache_held
 
@@ -228,7 +228,7 @@ class Engine:
             else:
                 # The choices of one request share a prompt list, prefilled once: count it once.
                 prompts = {id(s.prompt_ids): (len(s.prompt_ids), s.cached_tokens) for s in ready}
-                cached = sum(c for _, c in prompts.values()) if self._runner.prefix_cache_bytes else None
+                cached = sum(c for _, c in prompts.values()) if self._runner.prefix_cache_budget else None
                 self._metrics.prefilled(handle.info.model_id, sum(n for n, _ in prompts.values()), cached)
                 self._emit(handle, ready, logits)
                 self._keep_prefixes(lambda: self._runner.remember_prompts(handle, ready, logits))

@@ -26,7 +26,7 @@ class ModelRunner:
 
     def __init__(self, prefix_cache_bytes: int = 0) -> None:
         """``prefix_cache_bytes``: the budget of each model handle's prefix cache; 0 turns it off."""
-        self.prefix_cache_bytes = prefix_cache_bytes
+        self.prefix_cache_budget = prefix_cache_bytes
         self._batches: dict[ModelHandle, HandleBatch] = {}
         # id(handle) -> its prefix cache, dropped when the handle is collected. A plain dict, not a
         # WeakKeyDictionary, because the scrape thread sums it while the scheduler thread adds to it.
@@ -62,11 +62,11 @@ class ModelRunner:
         seq.admit(batch.device, batch.context_length)
 
     def _prefix_cache(self, handle: ModelHandle) -> PrefixCache | None:
-        if not self.prefix_cache_bytes:
+        if not self.prefix_cache_budget:
             return None
         cache = self._prefixes.get(id(handle))
         if cache is None:
-            cache = self._prefixes[id(handle)] = PrefixCache(self.prefix_cache_bytes)
+            cache = self._prefixes[id(handle)] = PrefixCache(self.prefix_cache_budget)
             weakref.finalize(handle, self._prefixes.pop, id(handle), None)
         return cache
 

@@ -29,7 +29,7 @@ class EngineState(Protocol):
     def kv_cache_tokens(self) -> int: ...
 
     @property
-    def prefix_cache_bytes(self) -> int: ...
+    def prefix_cache_held(self) -> int: ...
 
     @property
     def failure(self) -> str | None: ...
@@ -84,7 +84,7 @@ class PrometheusEngineMetrics(EngineMetrics):
         m.num_requests_running.set_function(lambda: state.num_running)
         m.num_requests_waiting.set_function(lambda: state.num_waiting)
         m.kv_cache_tokens.set_function(lambda: state.kv_cache_tokens)
-        m.prefix_cache_bytes.set_function(lambda: state.prefix_cache_bytes)
+        m.prefix_cache_bytes.set_function(lambda: state.prefix_cache_held)
         m.max_running_requests.set_function(lambda: state.max_running)
         m.engine_healthy.set_function(lambda: float(state.failure is None))
 
