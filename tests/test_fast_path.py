@@ -21,6 +21,7 @@ from service.handle import FastPath
 from service.kernels.build import KernelUnavailableError
 from service.kernels.gguf_blocks import (
     GEMM_ROWS,
+    BlockEmbedding,
     BlockKernels,
     BlockLinear,
     dequantize_reference,
@@ -86,6 +87,19 @@ def greedy(handle, new_tokens: int = 16) -> list[list[int]]:
     return outputs
 
 
+def on_the_weights_map(handle, model_dir: Path) -> list[torch.Tensor]:
+    """The model's parameters and buffers that lie in this process's memory map of its bf16 weights
+    (Linux's ``/proc/self/maps``)."""
+    weights = str(model_dir / "model.safetensors")
+    spans = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == weights:
+            spans.append(tuple(int(address, 16) for address in fields[0].split("-")))
+    held = [*handle.model.parameters(), *handle.model.buffers()]
+    return [t for t in held if any(start <= t.data_ptr() < end for start, end in spans)]
+
+
 @pytest.mark.parametrize("fmt", QUANTIZERS)
 def test_the_kernel_expands_blocks_to_exactly_the_reference_bf16_values(
     kernels: BlockKernels, fmt: str
@@ -141,12 +155,19 @@ def test_the_fast_path_swaps_every_layer_and_greedy_tokens_match_the_bf16_model(
 ) -> None:
     handle = load(blocks_model)
     expected = greedy(handle)
+    assert on_the_weights_map(handle, blocks_model)
     report, decoder = fast_path.install(handle.model, blocks_model, tmp_path)
     # q, k, v, o, gate, up, down in each of the 2 layers; the lm head (tied to the embedding).
     assert report == FastPath("gguf_blocks", {"Q4_1": 2 * 7, "Q8_0": 1}, fused_layers=2)
     assert isinstance(decoder, FusedDecoder)
     assert sum(isinstance(m, BlockLinear) for m in handle.model.modules()) == 15
+    embedding = handle.model.get_input_embeddings()
+    assert isinstance(embedding, BlockEmbedding) and embedding.blocks is handle.model.lm_head.blocks
+    # serving_model_weights_bytes counts every block once, the head's shared with the embedding
+    blocks = sum(m.blocks.nbytes for m in handle.model.modules() if isinstance(m, BlockLinear))
+    assert blocks < loader.weight_bytes(handle) < blocks + handle.model.lm_head.blocks.nbytes
     assert greedy(handle) == expected
+    assert not on_the_weights_map(handle, blocks_model)  # so the map closes
 
 
 def test_blocks_that_do_not_expand_to_a_layers_weights_leave_that_layer_alone(

@@ -184,3 +184,30 @@ class BlockLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, blocks={self.format.name}"
+
+
+class BlockEmbedding(torch.nn.Module):
+    """Stands in for an ``nn.Embedding`` ``[V, D]`` whose bf16 table its ``blocks`` hold: the table of a
+    model whose lm head is tied to its embedding, served from the head's own blocks (shared, not copied).
+
+    A token's row is expanded when it is looked up, to exactly the bf16 values of the table, so the table
+    itself is never read: a memory map of it would keep every page a lookup touched resident (with
+    Linux's fault-around, 64 KiB for a 1 KiB row), up to the whole 54 MiB of the bundled model's.
+    """
+
+    def __init__(self, blocks: torch.Tensor, kernels: BlockKernels) -> None:
+        """``blocks`` ``[V, D/32, bytes]`` in the kernel's layout (:func:`packed`), e.g. a
+        :class:`BlockLinear`'s."""
+        super().__init__()
+        _check_packed(blocks, BlockFormat.of(blocks))
+        self.register_buffer("blocks", blocks)
+        self.num_embeddings, self.embedding_dim = blocks.shape[0], blocks.shape[1] * BLOCK
+        self._kernels = kernels
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids`` ``[...]`` int: ``[..., D]`` bf16."""
+        rows = self._kernels.dequantize(self.blocks[ids.reshape(-1)])
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, blocks={BlockFormat.of(self.blocks).name}"

@@ -148,8 +148,10 @@ def load(
 
 
 def weight_bytes(handle: ModelHandle) -> int:
-    """Bytes the model's parameters take in memory (tied weights counted once)."""
-    return sum(p.numel() * p.element_size() for p in handle.model.parameters())
+    """Bytes the model's parameters and buffers take in memory (the fast path's blocks are buffers;
+    tensors shared by two modules, a tied lm head's, counted once)."""
+    tensors = {id(t): t for t in (*handle.model.parameters(), *handle.model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def warm_up(handle: ModelHandle) -> None:
