@@ -109,9 +109,11 @@ def _one_malloc_arena() -> None:
 
     glibc gives each thread that allocates its own arena (up to 8 per core), and an arena returns
     freed memory to the OS only from its top. The loader, engine and event-loop threads each left tens
-    of MiB of freed tensors resident in theirs: one arena measured 55 MiB less peak RSS at 8 streams
-    (618 vs 676 MiB, bundled model, ``make bench``'s prompt) for no loss of speed, since the threads
-    allocate far less often than they compute. Does nothing where libc is not glibc.
+    of MiB of freed tensors resident in theirs: one arena measured 47-52 MiB less peak RSS at 8 streams
+    (bundled model, ``make bench``'s prompts; two arenas half that) at the same tok/s, since the
+    threads allocate far less often than they compute. What it costs is contention while a prompt of
+    ~1 MiB is tokenized (``benchmarks/tokenize_stall.py``: the other streams' longest token gap
+    0.29-0.35 s against 0.21-0.29 s with glibc's default). Does nothing where libc is not glibc.
     """
     if "MALLOC_ARENA_MAX" in os.environ:
         return
