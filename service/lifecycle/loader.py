@@ -148,9 +148,9 @@ def load(
 
 
 def weight_bytes(handle: ModelHandle) -> int:
-    """Bytes the model's parameters and buffers take in memory (the fast path's blocks are buffers;
-    tensors shared by two modules, a tied lm head's, counted once)."""
-    tensors = {id(t): t for t in (*handle.model.parameters(), *handle.model.buffers())}
+    """Bytes the model's weights take in memory: its state dict, parameters and persistent buffers (the
+    fast path's blocks are buffers), a tensor shared by two modules (a tied lm head's) counted once."""
+    tensors = {id(t): t for t in handle.model.state_dict(keep_vars=True).values()}
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
