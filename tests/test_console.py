@@ -41,6 +41,8 @@ CHROMIUM_ARGS = [
 ]
 MARKUP = "<img src=x onerror=alert(1)>"
 WAIT_MS = 60_000  # generous: a loaded 2-core machine
+#: max_tokens of the reply the Stop test cancels: ~75 s of the scripted model, within its 32768 positions.
+LONG_REPLY = 30_000
 expect.set_options(timeout=WAIT_MS)
 
 pytestmark = pytest.mark.skipif(
@@ -75,7 +77,9 @@ def server(
         tmp_path_factory.mktemp("console"),
         model=str(scripted_model),
         args=("--model-root", str(models_root)),
-        env={"SERVING_ADMIN_TOKEN": admin_token},
+        # A stream long enough to outlast a busy machine before Stop is clicked (the scripted model
+        # runs at ~400 tokens/s: 4096 tokens once ended before the click arrived).
+        env={"SERVING_ADMIN_TOKEN": admin_token, "SERVING_MAX_TOKENS_LIMIT": str(LONG_REPLY)},
     ) as server:
         yield server
 
@@ -175,7 +179,7 @@ def test_chat_streams_token_by_token_and_stop_cancels(console: Console, server: 
                        {childList: true, subtree: true, characterData: true});
         }"""
     )
-    console.chat("Count for me", max_tokens=4096)
+    console.chat("Count for me", max_tokens=LONG_REPLY)
     stop = page.get_by_role("button", name="Stop")
     expect(stop).to_be_enabled()
     page.wait_for_function("() => window.lengths.size >= 5")
