@@ -112,8 +112,9 @@ def _one_malloc_arena() -> None:
     of MiB of freed tensors resident in theirs: one arena measured 47-52 MiB less peak RSS at 8 streams
     (bundled model, ``make bench``'s prompts; two arenas half that) at the same tok/s, since the
     threads allocate far less often than they compute. What it costs is contention while a prompt of
-    ~1 MiB is tokenized (``benchmarks/tokenize_stall.py``: the other streams' longest token gap
-    0.29-0.35 s against 0.21-0.29 s with glibc's default). Does nothing where libc is not glibc.
+    ~1 MiB is tokenized (``benchmarks/tokenize_stall.py``, six interleaved pairs: the other streams'
+    longest token gap 0.29-0.43 s, median 0.34, against 0.21-0.39 s, median 0.28, with glibc's
+    default). Does nothing where libc is not glibc.
     """
     if "MALLOC_ARENA_MAX" in os.environ:
         return
