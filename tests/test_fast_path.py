@@ -170,6 +170,23 @@ def test_the_fast_path_swaps_every_layer_and_greedy_tokens_match_the_bf16_model(
     assert not on_the_weights_map(handle, blocks_model)  # so the map closes
 
 
+def test_a_model_whose_embedding_transformers_cannot_find_keeps_it_and_still_gets_the_block_layers(
+    kernels: BlockKernels, blocks_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handle = load(blocks_model)
+    expected = greedy(handle)
+    embedding = handle.model.model.embed_tokens
+
+    def not_found() -> torch.nn.Module:
+        raise NotImplementedError("`get_input_embeddings` not auto-handled")
+
+    monkeypatch.setattr(handle.model, "get_input_embeddings", not_found)
+    report, _ = fast_path.install(handle.model, blocks_model, tmp_path)
+    assert report == FastPath("gguf_blocks", {"Q4_1": 2 * 7, "Q8_0": 1}, fused_layers=2)
+    assert handle.model.model.embed_tokens is embedding  # the bf16 table, as loaded
+    assert greedy(handle) == expected
+
+
 def test_blocks_that_do_not_expand_to_a_layers_weights_leave_that_layer_alone(
     kernels: BlockKernels, blocks_model: Path, tmp_path: Path
 ) -> None:

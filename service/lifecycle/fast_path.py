@@ -125,7 +125,7 @@ def install(model: Any, model_dir: Path, cache_dir: Path) -> tuple[FastPath, Any
         kernels = BlockKernels(cache_dir)
     except KernelUnavailableError as exc:
         return FastPath(None, reason=f"kernel unavailable: {exc}"), None
-    tied = getattr(model.get_output_embeddings(), "weight", None) is model.get_input_embeddings().weight
+    tied = _head_tied_to_embedding(model)
     report = _swap_layers(model, path, kernels)
     if tied:
         _embed_from_the_heads_blocks(model, kernels)
@@ -173,6 +173,15 @@ def _swap_layers(model: Any, path: Path, kernels: Any) -> FastPath:
             f"{len(mismatched)} layers' blocks do not expand to their weights: {mismatched[:3]}",
         )
     return FastPath(kernel, layers)
+
+
+def _head_tied_to_embedding(model: Any) -> bool:
+    """Whether ``model``'s lm head holds its token embedding's weight (no: a model without either)."""
+    try:
+        weight = getattr(model.get_input_embeddings(), "weight", None)
+    except NotImplementedError:  # transformers' answer for a model it cannot find the embedding of
+        return False
+    return weight is not None and getattr(model.get_output_embeddings(), "weight", None) is weight
 
 
 def _embed_from_the_heads_blocks(model: Any, kernels: Any) -> None:
