@@ -8,8 +8,9 @@ targets as ratios, and writes benchmarks/results/serving.{md,json,png}; then the
 figure (benchmarks/deploy_latency.py), the token gap of running streams while a 1 MiB prompt is
 admitted (benchmarks/tokenize_stall.py) and greedy reproducibility under batch sharing, bf16 vs
 float32 (benchmarks/batch_invariance.py), the CPU fast path against the bf16 model it stands in for
-(benchmarks/fast_path.py), and the per-token cost of constrained decoding for each grammar library
-installed (benchmarks/grammar_overhead.py).
+(benchmarks/fast_path.py), the per-token cost of constrained decoding for each grammar library
+installed (benchmarks/grammar_overhead.py), and the RSS after each step of a deployment
+(benchmarks/memory.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from benchmarks import (
     grammar_overhead,
     inprocess,
     llama_cpp,
+    memory,
     report,
     servers,
     tokenize_stall,
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--skip-fast-path", action="store_true", help="leave out the fast path against the bf16 model"
     )
+    parser.add_argument("--skip-memory", action="store_true", help="leave out the memory by deployment step")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
 
@@ -187,6 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_grammar:
         print("constrained decoding: per-token mask overhead by grammar library", flush=True)
         grammar_overhead.main([])
+    if not args.skip_memory:
+        print("memory: RSS after each step of deploying the bundled model, in a fresh process", flush=True)
+        memory.main(common)
 
 
 if __name__ == "__main__":
