@@ -10,9 +10,7 @@ dtype, and float32's ratio to bf16. Writes benchmarks/results/batch_invariance.{
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from typing import Any
 import aiohttp
 
 from benchmarks import servers
-from benchmarks.common import RESULTS_DIR, bundled_model_dir, num_threads
+from benchmarks.common import bundled_model_dir, parser_for, write_results
 from benchmarks.load import run_load
 
 DTYPES = ("bfloat16", "float32")
@@ -86,13 +84,9 @@ def measure(model: str, dtype: str, threads: int, trials: int) -> dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = parser_for(__doc__)
     parser.add_argument("--model", help="model id or local folder (default: the bundled model)")
     parser.add_argument("--trials", type=int, default=3, help="trials per prompt (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=num_threads())
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
 
     model = args.model or str(bundled_model_dir())
@@ -100,10 +94,6 @@ def main(argv: list[str] | None = None) -> None:
     results = {dtype: measure(model, dtype, args.threads, args.trials) for dtype in DTYPES}
     bf16, fp32 = (results[d] for d in DTYPES)
     ratios = {f"float32/bf16 tok/s c={c}": fp32[f"tok_s_c{c}"] / bf16[f"tok_s_c{c}"] for c in (1, 8)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "batch_invariance.json").write_text(
-        json.dumps({"model": Path(model).name, "results": results, "ratios": ratios}, indent=2)
-    )
     lines = [
         "| dtype | greedy texts identical beside other requests | tok/s c=1 | tok/s c=8 |",
         "| --- | ---: | ---: | ---: |",
@@ -114,9 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         *(f"- {name}: {value:.2f}" for name, value in ratios.items()),
     ]
-    text = "\n".join(lines) + "\n"
-    (args.out / "batch_invariance.md").write_text(text)
-    print(text)
+    summary = {"model": Path(model).name, "results": results, "ratios": ratios}
+    write_results(args.out, "batch_invariance", summary, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

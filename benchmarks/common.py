@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 #: The fixed workload of the issue: one chat prompt, 64 new tokens, greedy.
 MESSAGES = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
@@ -24,6 +27,23 @@ def bundled_model_dir() -> Path:
 def num_threads() -> int:
     """Torch threads for in-process runs: what a server process on this machine gets."""
     return int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1))
+
+
+def parser_for(doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's command line: ``doc`` (its module docstring) as help, and the options every
+    benchmark takes, ``--threads`` and ``--out`` (the results folder)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=num_threads())
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    return parser
+
+
+def write_results(out: Path, name: str, data: Any, table: str) -> None:
+    """Write ``out/<name>.json`` (``data``) and ``out/<name>.md`` (``table``), and print the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2))
+    (out / f"{name}.md").write_text(table)
+    print(table)
 
 
 def percentile(values: list[float], p: float) -> float:

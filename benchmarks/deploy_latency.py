@@ -8,7 +8,6 @@ Writes benchmarks/results/deploy_latency.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import tempfile
@@ -17,7 +16,12 @@ import urllib.request
 from pathlib import Path
 
 from benchmarks import servers
-from benchmarks.common import RESULTS_DIR, bundled_model_dir, num_threads, percentile
+from benchmarks.common import (
+    bundled_model_dir,
+    parser_for,
+    percentile,
+    write_results,
+)
 
 BUNDLED = "bundled:smollm2-135m-instruct"
 
@@ -44,12 +48,8 @@ def deploy(base_url: str, model_id: str, timeout_s: float = 300) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = parser_for(__doc__)
     parser.add_argument("--repetitions", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=num_threads())
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
 
     bundled_dir = bundled_model_dir()
@@ -72,15 +72,11 @@ def main(argv: list[str] | None = None) -> None:
         name: {"p50_s": percentile(values, 50), "p95_s": percentile(values, 95), "runs_s": values}
         for name, values in (("bundled", bundled_s), ("local_copy", local_s))
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "deploy_latency.json").write_text(json.dumps(summary, indent=2))
     lines = ["| deployed model | runs | p50 (s) | p95 (s) |", "| --- | ---: | ---: | ---: |"]
     lines += [
         f"| {n} | {len(s['runs_s'])} | {s['p50_s']:.2f} | {s['p95_s']:.2f} |" for n, s in summary.items()
     ]
-    text = "\n".join(lines) + "\n"
-    (args.out / "deploy_latency.md").write_text(text)
-    print(text)
+    write_results(args.out, "deploy_latency", summary, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,6 @@ Writes benchmarks/results/fast_path.{json,md}.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -31,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import inprocess
-from benchmarks.common import RESULTS_DIR, bundled_model_dir, num_threads
+from benchmarks.common import bundled_model_dir, parser_for, write_results
 from service.engine.batch import cache_kwarg
 
 QUESTIONS = [
@@ -257,20 +255,12 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--threads", type=int, default=num_threads())
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser = parser_for(__doc__)
     args = parser.parse_args(argv)
     from service.settings import Settings
 
     result = measure(args.threads, Settings().cache_dir)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fast_path.json").write_text(json.dumps(result, indent=2))
-    table = markdown(result)
-    (args.out / "fast_path.md").write_text(table)
-    print(table)
+    write_results(args.out, "fast_path", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, bundled_model_dir, num_threads
+from benchmarks.common import bundled_model_dir, parser_for, write_results
 
 
 def _rss_mib() -> float:
@@ -87,11 +87,7 @@ def markdown(rows: list[dict[str, object]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--threads", type=int, default=num_threads())
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser = parser_for(__doc__)
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # the model folder, in the child
     args = parser.parse_args(argv)
     if args.child:
@@ -107,11 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         check=True,
     )
     rows = json.loads(child.stdout.splitlines()[-1])
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "memory.json").write_text(json.dumps(rows, indent=2))
-    text = markdown(rows)
-    (args.out / "memory.md").write_text(text)
-    print(text)
+    write_results(args.out, "memory", rows, markdown(rows))
 
 
 if __name__ == "__main__":

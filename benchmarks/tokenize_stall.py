@@ -13,7 +13,6 @@ Writes benchmarks/results/tokenize_stall.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import copy
 import itertools
@@ -30,7 +29,13 @@ import aiohttp
 import psutil
 
 from benchmarks import servers
-from benchmarks.common import MESSAGES, RESULTS_DIR, bundled_model_dir, num_threads, percentile
+from benchmarks.common import (
+    MESSAGES,
+    bundled_model_dir,
+    parser_for,
+    percentile,
+    write_results,
+)
 
 STREAMS = 4
 STREAM_TOKENS = 96
@@ -156,13 +161,9 @@ def tokenizer_sharing(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = parser_for(__doc__)
     parser.add_argument("--url", help="measure this running server instead of starting one")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=num_threads())
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
 
     model_dir = bundled_model_dir()
@@ -177,8 +178,6 @@ def main(argv: list[str] | None = None) -> None:
                 summary = stall(url, args.rounds)
     print("tokenizer shared between threads: one copy behind a lock vs a copy per thread", flush=True)
     summary["tokenizer_sharing"] = sharing = tokenizer_sharing(model_dir)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tokenize_stall.json").write_text(json.dumps(summary, indent=2))
     text = (
         "| figure | value |\n| --- | ---: |\n"
         f"| longest token gap of {STREAMS} streams while a {summary['body_bytes'] / 2**20:.2f} MiB prompt is "
@@ -188,8 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         f"| the same, a tokenizer copy per thread | {sharing['per_thread_copies_s']:.3f} s |\n"
         f"| one tokenizer copy | {sharing['copy_s']:.3f} s, {sharing['copy_mib']:.1f} MiB |\n"
     )
-    (args.out / "tokenize_stall.md").write_text(text)
-    print(text)
+    write_results(args.out, "tokenize_stall", summary, text)
 
 
 if __name__ == "__main__":
