@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import bundled_model_dir, parser_for, write_results
 
@@ -31,9 +33,9 @@ def _package(module: str) -> str:
     return ".".join(parts[:2]) if parts[0] in ("torch", "transformers") and len(parts) > 1 else parts[0]
 
 
-def _steps(model_dir: Path, threads: int) -> list[dict[str, object]]:
+def _steps(model_dir: Path, threads: int) -> list[dict[str, Any]]:
     """Run in the child: each deployment step, then its RSS and the modules it imported."""
-    rows: list[dict[str, object]] = []
+    rows: list[dict[str, Any]] = []
     seen = set(sys.modules)
 
     def record(step: str) -> None:
@@ -51,8 +53,6 @@ def _steps(model_dir: Path, threads: int) -> list[dict[str, object]]:
     import service.app  # noqa: F401  (the server's own imports)
 
     record("the server's imports")
-    import importlib
-
     from transformers import AutoConfig
 
     model_type = AutoConfig.from_pretrained(model_dir).model_type
@@ -72,15 +72,15 @@ def _steps(model_dir: Path, threads: int) -> list[dict[str, object]]:
     return rows
 
 
-def markdown(rows: list[dict[str, object]]) -> str:
+def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| step | RSS (MiB) | added (MiB) | modules imported | most of them from |",
         "| --- | ---: | ---: | ---: | --- |",
     ]
     previous = 0.0
     for row in rows:
-        rss = float(row["rss_mib"])  # type: ignore[arg-type]
-        packages = ", ".join(f"{name} {count}" for name, count in row["packages"])  # type: ignore[union-attr]
+        rss = row["rss_mib"]
+        packages = ", ".join(f"{name} {count}" for name, count in row["packages"])
         lines.append(f"| {row['step']} | {rss:.0f} | {rss - previous:+.0f} | {row['modules']} | {packages} |")
         previous = rss
     return "\n".join(lines) + "\n"
@@ -94,9 +94,16 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(_steps(args.child, args.threads)))
         return
 
-    command = [sys.executable, "-m", "benchmarks.memory", "--threads", str(args.threads)]
     child = subprocess.run(
-        [*command, "--child", str(bundled_model_dir())],
+        [
+            sys.executable,
+            "-m",
+            __spec__.name,
+            "--threads",
+            str(args.threads),
+            "--child",
+            str(bundled_model_dir()),
+        ],
         env={**os.environ, "MALLOC_ARENA_MAX": "1"},  # as service.cli sets it for the server
         capture_output=True,
         text=True,
