@@ -94,15 +94,16 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(_steps(args.child, args.threads)))
         return
 
+    model_dir = bundled_model_dir()  # converted here, not in the process measured
     child = subprocess.run(
         [
             sys.executable,
             "-m",
-            __spec__.name,
+            "benchmarks.memory",
             "--threads",
             str(args.threads),
             "--child",
-            str(bundled_model_dir()),
+            str(model_dir),
         ],
         env={**os.environ, "MALLOC_ARENA_MAX": "1"},  # as service.cli sets it for the server
         capture_output=True,
